@@ -1,0 +1,202 @@
+"""Saving and loading MoE-LoRA adapters.
+
+An adapter directory holds two files, each written atomically:
+
+- ``adapter_model.safetensors``: the A, B and router tensors of every adapted module, keyed
+  ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.router.weight``;
+- ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
+  model (class name and, per wrapped module, its in/out features, expert count and rank) and the SHA-256
+  of the tensor file.  It is written last, so a directory with a config is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import MoELoRAConfig
+from .fileio import atomic_write, atomic_write_json
+from .tuner import adapter_state_dict, add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
+
+FORMAT_NAME = "riemix-moe-lora"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter directory is missing, corrupt, or does not fit the base model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(model: nn.Module) -> dict[str, Any]:
+    modules = {
+        name: {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "num_experts": layer.num_experts,
+            "rank": layer.rank,
+        }
+        for name, layer in iter_moe_lora_layers(model)
+    }
+    return {"model_class": type(model).__name__, "modules": modules}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's MoE-LoRA adapters to the directory ``path`` (created if needed).
+
+    Args:
+        model: a model prepared with ``add_moe_lora`` (or ``load_adapter``).
+        path: output directory.
+        extra: optional JSON-serialisable metadata stored under ``"extra"`` in the config.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        ValueError: if the model carries no MoE-LoRA adapters.
+    """
+    config = getattr(model, "moe_lora_config", None)
+    fingerprint = _fingerprint(model)
+    if config is None or not fingerprint["modules"]:
+        raise ValueError("model has no MoE-LoRA adapters to save; call add_moe_lora first")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    weights = atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "base_model": fingerprint,
+        "weights_sha256": _sha256(weights),
+        "extra": extra or {},
+    }
+    atomic_write_json(out / CONFIG_NAME, meta)
+    return out
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``adapter_config.json`` of an adapter directory.
+
+    Raises:
+        AdapterError: missing directory/file, invalid JSON, or an unsupported format version.
+    """
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{cfg_path}: adapter config not found (is {path!s} an adapter directory?)")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{cfg_path}: corrupt adapter config: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise AdapterError(f"{cfg_path}: not a riemix adapter (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def _config_from_meta(meta: dict[str, Any]) -> MoELoRAConfig:
+    data = dict(meta["config"])
+    if data.get("num_experts") is None:  # saved from a callable: rebuild a per-layer list
+        by_layer: dict[int, int] = {}
+        for name, info in meta["base_model"]["modules"].items():
+            by_layer[layer_index(name) or 0] = info["num_experts"]
+        top = max(by_layer)
+        data["num_experts"] = [by_layer.get(i, max(by_layer.values())) for i in range(top + 1)]
+    return MoELoRAConfig.from_dict(data)
+
+
+def _check_base(model: nn.Module, meta: dict[str, Any], cfg_path: Path) -> None:
+    saved = meta["base_model"]
+    problems = []
+    if saved["model_class"] != type(model).__name__:
+        problems.append(f"model class is {type(model).__name__}, adapter was saved on {saved['model_class']}")
+    for name, info in saved["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"module {name!r} does not exist")
+            continue
+        if not isinstance(module, nn.Linear):
+            problems.append(f"module {name!r} is a {type(module).__name__}, not an nn.Linear")
+            continue
+        if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+            problems.append(
+                f"module {name!r} has shape in={module.in_features}, out={module.out_features}; "
+                f"adapter expects in={info['in_features']}, out={info['out_features']}"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise AdapterError(f"{cfg_path}: adapter does not match this base model: {shown}")
+
+
+def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapters saved at ``path`` to a plain base model (in place) and return it.
+
+    The restored A, B and router tensors are bit-identical to the saved ones (cast only when the base
+    model's adapter dtype differs). Adapter parameters are trainable, everything else frozen.
+
+    Raises:
+        AdapterError: missing/corrupt files, a tensor file whose checksum or contents do not match the
+            config, or a base model that differs (class, module names or shapes — all differences named).
+    """
+    path = Path(path)
+    meta = read_adapter_config(path)
+    cfg_path = path / CONFIG_NAME
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: adapter weights not found")
+    if _sha256(weights) != meta.get("weights_sha256"):
+        raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
+    _check_base(base_model, meta, cfg_path)
+    config = _config_from_meta(meta)
+    saved_modules = meta["base_model"]["modules"]
+    targets = find_target_modules(base_model, config)
+    if set(targets) != set(saved_modules):
+        missing, extra = sorted(set(saved_modules) - set(targets)), sorted(set(targets) - set(saved_modules))
+        raise AdapterError(
+            f"{cfg_path}: target_modules select a different set of modules on this model "
+            f"(missing: {missing[:5]}, unexpected: {extra[:5]})"
+        )
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{weights}: cannot read adapter weights: {exc}") from exc
+    expected = {}
+    for name, info in saved_modules.items():
+        e, r = info["num_experts"], info["rank"]
+        expected[f"{name}.lora_A"] = (e, r, info["in_features"])
+        expected[f"{name}.lora_B"] = (e, info["out_features"], r)
+        expected[f"{name}.router.weight"] = (e, info["in_features"])
+    if set(expected) != set(tensors):
+        diff = sorted(set(expected) ^ set(tensors))
+        raise AdapterError(f"{weights}: tensor names differ from {cfg_path.name}: {diff[:5]}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterError(f"{weights}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    add_moe_lora(base_model, config, {n: info["num_experts"] for n, info in saved_modules.items()})
+    params = adapter_state_dict(base_model)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+    return base_model

@@ -1,0 +1,169 @@
+"""Configuration of MoE-LoRA adapters.
+
+`MoELoRAConfig` is a typed dataclass validated in ``__post_init__``; every error names the
+offending field and its value.  It serialises to and from plain JSON (``to_dict``/``from_dict``)
+so that adapter files are self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MoELoRAConfig", "ROUTING_MODES", "INIT_MODES"]
+
+#: Routing modes accepted by ``MoELoRAConfig.routing``.
+ROUTING_MODES = ("softmax_topk", "topk_softmax", "dense")
+#: Initialisations accepted by ``MoELoRAConfig.init``.
+INIT_MODES = ("zero_b", "gaussian")
+
+ExpertCount = int | Sequence[int] | Callable[[int], int]
+
+
+@dataclass
+class MoELoRAConfig:
+    """Configuration of a mixture of LoRA experts attached to ``nn.Linear`` layers.
+
+    Attributes:
+        num_experts: Experts per adapted layer (E). Either one int for every layer, a list indexed by
+            the transformer block index found in the module name (``...layers.<i>...``), or a callable
+            ``block_index -> E`` (MoLA-style: more experts in higher layers). Modules without a block
+            index use entry 0 of a list / ``callable(0)``.
+        top_k: Experts kept per token (ignored by ``routing="dense"``). Must satisfy 1 <= top_k <= E for
+            every adapted layer.
+        rank: Rank r of every expert.
+        alpha: LoRA alpha; the layer scaling is ``alpha / rank`` (or ``alpha / sqrt(rank)`` with
+            ``use_rslora``).
+        dropout: Dropout probability applied to the expert input (not to the router input).
+        target_modules: Either a list of module-name suffixes (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``) or a single regex string matched with ``re.fullmatch``
+            against the full module name.
+        routing: ``"softmax_topk"`` (softmax over all E logits, keep the top-k, renormalise to sum 1),
+            ``"topk_softmax"`` (softmax over the top-k logits only) or ``"dense"`` (softmax over all E).
+        gate_grad_power: Gate-rescaling power p in [0, 1]. The forward value is g·e; the gradient that
+            reaches A, B and the input is weighted by stopgrad(g**p). p=1 is plain MoE-LoRA, p=0.5 the
+            paper's sqrt trick, p=0 realises the paper's eq. (12) exactly (see docs/math.md).
+        use_rslora: Use rank-stabilised scaling ``alpha / sqrt(rank)``.
+        init: Adapter initialisation: ``"zero_b"`` (Kaiming-uniform A, zero B) or ``"gaussian"``
+            (normal A with std ``1/rank``, zero B). Both leave the base model's outputs unchanged.
+        router_init_std: Standard deviation of the router's normal initialisation.
+    """
+
+    num_experts: ExpertCount = 8
+    top_k: int = 2
+    rank: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    routing: str = "softmax_topk"
+    gate_grad_power: float = 0.5
+    use_rslora: bool = False
+    init: str = "zero_b"
+    router_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_experts, bool):
+            raise ValueError(f"num_experts must be an int, list or callable, got {self.num_experts!r}")
+        if isinstance(self.num_experts, int):
+            _check_experts(self.num_experts, "num_experts")
+        elif isinstance(self.num_experts, Sequence) and not isinstance(self.num_experts, str):
+            self.num_experts = [int(e) for e in self.num_experts]
+            if not self.num_experts:
+                raise ValueError("num_experts: the per-layer list is empty")
+            for i, e in enumerate(self.num_experts):
+                _check_experts(e, f"num_experts[{i}]")
+        elif not callable(self.num_experts):
+            raise ValueError(f"num_experts must be an int, list or callable, got {self.num_experts!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        min_e = self._static_min_experts()
+        if min_e is not None and self.routing != "dense" and self.top_k > min_e:
+            raise ValueError(f"top_k must be in 1..num_experts ({min_e}), got {self.top_k}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if not 0.0 <= self.gate_grad_power <= 1.0:
+            raise ValueError(f"gate_grad_power must be in [0, 1], got {self.gate_grad_power!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if not self.router_init_std >= 0:
+            raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(f"target_modules: invalid regex {self.target_modules!r}: {exc}") from exc
+        else:
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(
+                    f"target_modules must be a regex string or a non-empty list of names, "
+                    f"got {self.target_modules!r}"
+                )
+
+    def _static_min_experts(self) -> int | None:
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        if isinstance(self.num_experts, list):
+            return min(self.num_experts)
+        return None
+
+    @property
+    def scaling(self) -> float:
+        """The adapter scaling s: ``alpha / rank`` or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def experts_for_layer(self, layer_index: int | None) -> int:
+        """Number of experts for the block ``layer_index`` (None: a module outside the blocks).
+
+        Raises:
+            ValueError: if the resolved count is invalid or smaller than ``top_k``.
+        """
+        idx = 0 if layer_index is None else layer_index
+        if isinstance(self.num_experts, int):
+            e = self.num_experts
+        elif isinstance(self.num_experts, list):
+            if idx >= len(self.num_experts):
+                raise ValueError(
+                    f"num_experts has {len(self.num_experts)} entries but the model has a layer {idx}"
+                )
+            e = self.num_experts[idx]
+        else:
+            e = self.num_experts(idx)
+            _check_experts(e, f"num_experts({idx})")
+        if self.routing != "dense" and self.top_k > e:
+            raise ValueError(f"top_k must be in 1..num_experts ({e}) for layer {idx}, got {self.top_k}")
+        return int(e)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (a callable ``num_experts`` must be resolved by the caller)."""
+        d = dataclasses.asdict(self)
+        if callable(self.num_experts):
+            d["num_experts"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoELoRAConfig:
+        """Build a config from ``to_dict`` output, rejecting unknown keys.
+
+        Raises:
+            ValueError: on unknown keys (named) or invalid values.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown MoELoRAConfig field(s): {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+
+def _check_experts(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")

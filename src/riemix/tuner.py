@@ -1,0 +1,137 @@
+"""Attach MoE-LoRA experts to the ``nn.Linear`` modules of any PyTorch / Hugging Face model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import MoELoRAConfig
+from .layer import MoELoRALinear
+
+__all__ = [
+    "add_moe_lora",
+    "find_target_modules",
+    "iter_moe_lora_layers",
+    "layer_index",
+    "linear_names",
+    "adapter_state_dict",
+    "ADAPTER_PARAM_SUFFIXES",
+]
+
+#: Names (relative to a ``MoELoRALinear``) of the tensors that make up an adapter.
+ADAPTER_PARAM_SUFFIXES = ("lora_A", "lora_B", "router.weight")
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+_ANY_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(module_name: str) -> int | None:
+    """Transformer block index in a module name (``model.layers.3.self_attn.q_proj`` -> 3), or None."""
+    match = _LAYER_INDEX.search(module_name) or _ANY_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Sorted distinct last name components of the ``nn.Linear`` modules of ``model``."""
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def _matches(name: str, target: list[str] | str) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> list[str]:
+    """Full names of the modules ``config.target_modules`` selects, in model order.
+
+    Raises:
+        ValueError: if nothing matches (the candidate Linear names are listed), if a match is not an
+            ``nn.Linear``, or if the model already carries MoE-LoRA adapters.
+    """
+    if any(isinstance(m, MoELoRALinear) for m in model.modules()):
+        raise ValueError("model already has MoE-LoRA adapters; add_moe_lora must be called once per model")
+    names = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, config.target_modules):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target_modules {config.target_modules!r} matched {name!r}, which is a "
+                f"{type(module).__name__}, not an nn.Linear"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched no module; "
+            f"nn.Linear names in this model: {linear_names(model)}"
+        )
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_moe_lora(
+    model: nn.Module, config: MoELoRAConfig, experts_per_module: dict[str, int] | None = None
+) -> nn.Module:
+    """Wrap the targeted ``nn.Linear`` modules with ``MoELoRALinear`` in place and freeze the rest.
+
+    Args:
+        model: any ``nn.Module`` (typically a Hugging Face ``PreTrainedModel``).
+        config: the adapter configuration.
+        experts_per_module: optional explicit expert count per module name (used by ``load_adapter`` to
+            restore exactly the saved layout); overrides ``config.num_experts``.
+
+    Returns:
+        The same ``model``; only adapter parameters (A, B, router) require gradients afterwards.
+
+    Raises:
+        ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer``.
+    """
+    targets = find_target_modules(model, config)
+    counts = {
+        name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name)) for name in targets
+    }
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        layer = MoELoRALinear(
+            base,
+            num_experts=counts[name],
+            rank=config.rank,
+            alpha=config.alpha,
+            top_k=config.top_k,
+            routing=config.routing,
+            gate_grad_power=config.gate_grad_power,
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            init=config.init,
+            router_init_std=config.router_init_std,
+        )
+        _set_submodule(model, name, layer)
+    model.moe_lora_config = config
+    return model
+
+
+def iter_moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:
+    """Yield ``(name, layer)`` for every ``MoELoRALinear`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoELoRALinear):
+            yield name, module
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, object]:
+    """The adapter tensors only: ``{<module>.lora_A, <module>.lora_B, <module>.router.weight}``."""
+    state = {}
+    for name, layer in iter_moe_lora_layers(model):
+        state[f"{name}.lora_A"] = layer.lora_A.detach()
+        state[f"{name}.lora_B"] = layer.lora_B.detach()
+        state[f"{name}.router.weight"] = layer.router.weight.detach()
+    return state
