@@ -2,7 +2,8 @@
 
 from .adapter import AdapterError, load_adapter, save_adapter
 from .config import MoELoRAConfig
-from .layer import MoELoRALinear, fused_moe_lora
+from .layer import MoELoRALinear, moe_lora_linear
+from .optim import RiemannianAdamW, RiemannianSGD, build_optimizer
 from .tuner import add_moe_lora, iter_moe_lora_layers
 
 __version__ = "0.1.0"
@@ -15,17 +16,9 @@ __all__ = [
     "RiemannianSGD",
     "add_moe_lora",
     "build_optimizer",
-    "fused_moe_lora",
+    "moe_lora_linear",
     "iter_moe_lora_layers",
     "load_adapter",
     "save_adapter",
 ]
 
-
-def __getattr__(name: str):
-    # The optimizers live in riemix.optim; import lazily so the layer can be used on its own.
-    if name in ("RiemannianAdamW", "RiemannianSGD", "build_optimizer"):
-        from . import optim
-
-        return getattr(optim, name)
-    raise AttributeError(f"module 'riemix' has no attribute {name!r}")

@@ -3,7 +3,9 @@
     y = base(x) + s · Σᵢ gᵢ(x) · Bᵢ Aᵢ dropout(x)
 
 All experts are computed at once from stacked tensors: h = x̃·A_catᵀ has width E·r, is gate-weighted
-per expert block and multiplied by B_catᵀ.  A custom autograd function implements *gate rescaling*
+per expert block and multiplied by B_catᵀ.  One custom autograd node computes the base projection, the
+router logits (sharing the matmul over x with A when there is no dropout), the gates and the experts,
+accumulating into one output buffer.  It implements *gate rescaling*
 (Sun et al., ICML 2025): the forward value is gᵢ·eᵢ, the gradient reaching Aᵢ, Bᵢ and x is weighted by
 cᵢ = stopgrad(gᵢ^p) instead of gᵢ, and the router receives the ordinary ∂L/∂gᵢ = s·<∂L/∂y, Bᵢ Aᵢ x̃>.
 Equivalently wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ); the fused function computes that without a second
@@ -15,76 +17,127 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .routing import gate_grad_coefficients, route
 
-__all__ = ["MoELoRALinear", "fused_moe_lora"]
+__all__ = ["MoELoRALinear", "moe_lora_linear"]
 
 
-class _FusedMoELoRA(torch.autograd.Function):
-    """Fused expert computation with gate-rescaled backward. See ``fused_moe_lora``."""
+class _MoELoRAFunction(torch.autograd.Function):
+    """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, gates, coef, scaling):  # noqa: D102
-        n, _ = x.shape  # x: (N, in)
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, routing, top_k, power, scaling):  # noqa: D102
+        ctx.set_materialize_grads(False)
+        n = x.shape[0]  # x: (N, in)
         e, r, d_in = lora_a.shape  # lora_a: (E, r, in)
         d_out = lora_b.shape[1]  # lora_b: (E, out, r)
         a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in)
         b_cat = lora_b.permute(1, 0, 2).reshape(d_out, e * r)  # (out, E·r)
-        h = x @ a_cat.t()  # (N, E·r)
-        u = (h.view(n, e, r) * (gates * scaling).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-        y = u @ b_cat.t()  # (N, out)
-        ctx.save_for_backward(x, a_cat, b_cat, h, coef)
-        ctx.scaling = scaling
-        ctx.shape = (e, r, d_in, d_out)
-        return y
+        if x_drop is None:  # router and experts read the same input: one pass over x
+            w_cat = torch.cat([a_cat, router_w])  # (E·r + E, in)
+            hl = x @ w_cat.t()  # (N, E·r + E)
+            h, logits = hl[:, : e * r], hl[:, e * r :].contiguous()  # (N, E·r), (N, E)
+        else:
+            w_cat = None
+            h = x_drop @ a_cat.t()  # (N, E·r)
+            logits = x @ router_w.t()  # (N, E)
+        gates, _ = route(logits, routing, top_k)  # (N, E) fp32, zero where unselected
+        coef = gate_grad_coefficients(gates, power)  # (N, E)
+        y = F.linear(x, weight, bias)  # (N, out)
+        u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
+        y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
+        ctx.save_for_backward(x, x_drop, weight, a_cat, b_cat, router_w, w_cat, h, gates, coef)
+        ctx.meta = (e, r, scaling, bias is not None)
+        ctx.mark_non_differentiable(gates)
+        return y, logits, gates
 
     @staticmethod
-    def backward(ctx, grad_y):  # noqa: D102
-        x, a_cat, b_cat, h, coef = ctx.saved_tensors
-        e, r, d_in, d_out = ctx.shape
-        n = x.shape[0]
-        s = ctx.scaling
-        need_x, need_a, need_b, need_g = ctx.needs_input_grad[:4]
-        grad_x = grad_a = grad_b = grad_g = None
-        du = grad_y @ b_cat  # (N, E·r): ∂L/∂(g-weighted h) / s
-        if need_g:
-            grad_g = (du.view(n, e, r) * h.view(n, e, r)).sum(-1) * s  # (N, E)
-        if need_x or need_a:
-            dh = (du.view(n, e, r) * (coef * s).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-            if need_x:
-                grad_x = dh @ a_cat  # (N, in)
-            if need_a:
-                grad_a = (dh.t() @ x).view(e, r, d_in)  # (E, r, in)
-        if need_b:
-            hc = (h.view(n, e, r) * (coef * s).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-            grad_b = (grad_y.t() @ hc).view(d_out, e, r).permute(1, 0, 2).contiguous()  # (E, out, r)
-        return grad_x, grad_a, grad_b, grad_g, None, None
+    def backward(ctx, grad_y, grad_logits, _grad_gates):  # noqa: D102
+        x, x_drop, weight, a_cat, b_cat, router_w, w_cat, h, gates, coef = ctx.saved_tensors
+        e, r, s, has_bias = ctx.meta
+        n, d_in = x.shape
+        need = ctx.needs_input_grad
+        dtype = x.dtype
+        if grad_y is None:
+            grad_y = torch.zeros(n, b_cat.shape[0], dtype=dtype, device=x.device)
+        du = grad_y @ b_cat  # (N, E·r): ∂L/∂(gated h), without s
+        dg = (du.view(n, e, r) * h.view(n, e, r)).sum(-1).to(gates.dtype) * s  # (N, E) = s·<∂L/∂y, Bᵢ Aᵢ x̃>
+        # gates = softmax of the logits over the selected set: ∂g/∂l = diag(g) − g gᵀ on that set.
+        dlog = gates * (dg - (gates * dg).sum(-1, keepdim=True))  # (N, E)
+        if grad_logits is not None:
+            dlog = dlog + grad_logits.to(gates.dtype)
+        dlog = dlog.to(dtype)
+        dh = (du.view(n, e, r) * (coef * s).to(dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r), weighted by c
+        grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = grad_r = None
+        if x_drop is None:
+            d_cat = torch.cat([dh, dlog], dim=1)  # (N, E·r + E)
+            if need[0]:
+                grad_x = (grad_y @ weight).addmm_(d_cat, w_cat)  # (N, in)
+            if need[4] or need[6]:
+                g_cat = d_cat.t() @ x  # (E·r + E, in)
+                grad_a, grad_r = g_cat[: e * r].view(e, r, d_in), g_cat[e * r :]
+        else:
+            if need[0]:
+                grad_x = (grad_y @ weight).addmm_(dlog, router_w)  # (N, in)
+            if need[1]:
+                grad_xd = dh @ a_cat  # (N, in)
+            if need[4]:
+                grad_a = (dh.t() @ x_drop).view(e, r, d_in)  # (E, r, in)
+            if need[6]:
+                grad_r = dlog.t() @ x  # (E, in)
+        if need[5]:
+            hc = (h.view(n, e, r) * (coef * s).to(dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
+            grad_bb = (grad_y.t() @ hc).view(-1, e, r).permute(1, 0, 2).contiguous()  # (E, out, r)
+        if need[2]:
+            grad_w = grad_y.t() @ x  # (out, in)
+        if need[3] and has_bias:
+            grad_b = grad_y.sum(0)  # (out,)
+        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, grad_r, None, None, None, None
 
 
-def fused_moe_lora(
+def moe_lora_linear(
     x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    gates: torch.Tensor,
-    coef: torch.Tensor,
+    router_weight: torch.Tensor,
+    routing: str,
+    top_k: int,
+    gate_grad_power: float,
     scaling: float,
-) -> torch.Tensor:
-    """Compute s·Σᵢ gᵢ·Bᵢ Aᵢ x for all tokens at once, with gate-rescaled gradients.
+    x_drop: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional MoE-LoRA linear: ``y = x Wᵀ + b + s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃`` with gate-rescaled gradients.
+
+    One autograd node computes the base projection, the router logits, the gates and all experts from
+    stacked tensors.  When there is no dropout the router and the experts share one matmul over x.
+    Backward: A, B and x̃ receive gradients weighted by cᵢ = stopgrad(gᵢ^p); the router receives the
+    ordinary gradient (plus any gradient flowing into the returned logits, e.g. from auxiliary losses).
 
     Args:
-        x: ``(N, in)`` expert input (after dropout).
+        x: ``(N, in)`` input (router input, and expert input when ``x_drop`` is None).
+        weight: ``(out, in)`` base weight.
+        bias: ``(out,)`` base bias or None.
         lora_a: ``(E, r, in)`` stacked A matrices.
         lora_b: ``(E, out, r)`` stacked B matrices.
-        gates: ``(N, E)`` gates g (differentiable; receives the ordinary gradient).
-        coef: ``(N, E)`` detached gradient weights c replacing g in the gradients of x, A and B.
-        scaling: the adapter scaling s.
+        router_weight: ``(E, in)`` router weight.
+        routing: routing mode (see ``riemix.routing.route``).
+        top_k: experts per token.
+        gate_grad_power: p in [0, 1].
+        scaling: adapter scale s.
+        x_drop: ``(N, in)`` expert input after dropout, or None to use ``x``.
 
     Returns:
-        ``(N, out)`` adapter output.
+        ``(y, logits, gates)``: ``(N, out)`` output, ``(N, E)`` router logits (differentiable) and
+        ``(N, E)`` fp32 gates (not differentiable; for diagnostics).
     """
-    return _FusedMoELoRA.apply(x, lora_a, lora_b, gates, coef.detach(), float(scaling))
+    return _MoELoRAFunction.apply(
+        x, x_drop, weight, bias, lora_a, lora_b, router_weight, routing, top_k, float(gate_grad_power), float(scaling)
+    )
 
 
 class MoELoRALinear(nn.Module):
@@ -183,29 +236,33 @@ class MoELoRALinear(nn.Module):
         Returns:
             ``(..., out_features)``.
         """
-        base_out = self.base_layer(x)  # (..., out)
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)  # (N, in)
-        logits, gates = self.compute_gates(x2d)  # (N, E), (N, E)
-        if self.record_routing:
-            self.last_router_logits, self.last_gates = logits, gates
-        coef = gate_grad_coefficients(gates, self.gate_grad_power)  # (N, E)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
+            dtype = torch.get_autocast_dtype(device_type)
         else:
-            compute_dtype = self.lora_A.dtype
-        x_drop = self.dropout(x2d).to(compute_dtype)  # (N, in)
+            dtype = torch.promote_types(x.dtype, self.lora_A.dtype)
+        out_dtype = dtype if torch.is_autocast_enabled(device_type) else x.dtype
+        x2d = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
+        x_drop = self.dropout(x2d) if isinstance(self.dropout, nn.Dropout) and self.training else None
+        base = self.base_layer
         with torch.autocast(device_type, enabled=False):
-            delta = fused_moe_lora(
-                x_drop,
-                self.lora_A.to(compute_dtype),
-                self.lora_B.to(compute_dtype),
-                gates.to(compute_dtype),
-                coef.to(compute_dtype),
+            y, logits, gates = moe_lora_linear(
+                x2d,
+                base.weight.to(dtype),
+                None if base.bias is None else base.bias.to(dtype),
+                self.lora_A.to(dtype),
+                self.lora_B.to(dtype),
+                self.router.weight.to(dtype),
+                self.routing,
+                self.top_k,
+                self.gate_grad_power,
                 self.scaling,
-            )  # (N, out)
-        return base_out + delta.view(*lead, self.out_features).to(base_out.dtype)
+                x_drop,
+            )  # (N, out), (N, E), (N, E)
+        if self.record_routing:
+            self.last_router_logits, self.last_gates = logits, gates
+        return y.view(*lead, self.out_features).to(out_dtype)
 
     def delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
         """The effective weight update s·Σᵢ gᵢ·Bᵢ Aᵢ for one fixed gate vector.

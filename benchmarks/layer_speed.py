@@ -1,0 +1,144 @@
+"""Forward+backward time of one MoE-LoRA layer against its peers, measured side by side.
+
+Candidates, all on the same frozen ``nn.Linear`` and the same input (which requires grad):
+
+- ``base``: the frozen Linear alone;
+- ``riemix``: ``MoELoRALinear`` (fused experts, gate-rescaled backward, softmax-top-k routing);
+- ``loop``: the paper-style per-expert Python loop with the same routing and gate rescaling;
+- ``peft_lora``: PEFT ``LoraLayer`` with rank E·r (the same number of adapter parameters in A/B).
+
+Timings are interleaved (each repeat runs every candidate once, in rotating order) and the median is
+reported, because this machine is noisy.  Prints a table and writes JSON to ``benchmarks/results/``.
+
+    python benchmarks/layer_speed.py            # E=20, top-k=10, r=4, 2048x2048, 2048 tokens, fp32
+    python benchmarks/layer_speed.py --quick    # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from riemix.layer import MoELoRALinear
+from riemix.routing import gate_grad_coefficients, route
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The paper's pseudocode: one expert at a time, w = c·e + (g − c)·stopgrad(e)."""
+    y = layer.base_layer(x)
+    gates, _ = route(layer.router(x), layer.routing, layer.top_k)
+    coef = gate_grad_coefficients(gates, layer.gate_grad_power)
+    for i in range(layer.num_experts):
+        e_i = layer.scaling * (x @ layer.lora_A[i].t()) @ layer.lora_B[i].t()
+        g_i, c_i = gates[:, i : i + 1], coef[:, i : i + 1]
+        y = y + c_i * e_i + (g_i - c_i) * e_i.detach()
+    return y
+
+
+def build(args, dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(args.width, args.width, bias=False).to(dtype).requires_grad_(False)
+    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(dtype)
+    with torch.no_grad():
+        moe.lora_B.normal_(std=0.01)
+    cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Module()
+        holder.proj = nn.Linear(args.width, args.width, bias=False).to(dtype)
+        holder.proj.weight.data.copy_(base.weight.data)
+        holder.forward = lambda x: holder.proj(x)
+        lora_cfg = LoraConfig(r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0)
+        peft = get_peft_model(holder, lora_cfg).to(dtype)
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.01)
+        cands["peft_lora"] = peft.base_model.model.proj
+    except ImportError:
+        print("peft not installed: skipping the PEFT LoRA candidate (pip install peft)")
+    return cands
+
+
+def time_step(fn, x, upstream) -> float:
+    t0 = time.perf_counter()
+    y = fn(x)
+    y.backward(upstream)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args()
+    if args.quick:
+        args.width, args.tokens, args.repeats = 256, 256, 3
+    dtype = getattr(torch, args.dtype)
+    cands = build(args, dtype)
+    x = torch.randn(args.tokens, args.width, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(args.tokens, args.width, dtype=dtype)
+    names = list(cands)
+    for name in names:  # warm-up
+        for _ in range(2):
+            time_step(cands[name], x, upstream)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            x.grad = None
+            times[name].append(time_step(cands[name], x, upstream))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    ratios = {
+        "riemix_over_base": med["riemix"] / med["base"],
+        "loop_over_riemix": med["loop"] / med["riemix"],
+    }
+    if "peft_lora" in med:
+        ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
+    print(
+        f"MoE-LoRA layer fwd+bwd: E={args.experts} top-k={args.top_k} r={args.rank} "
+        f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}"
+    )
+    print(f"{'candidate':<12} {'ms':>9} {'vs base':>9}")
+    for name in names:
+        print(f"{name:<12} {1e3 * med[name]:9.2f} {med[name] / med['base']:8.2f}x")
+    targets = {"riemix_over_base": 1.3, "loop_over_riemix": 8.0, "riemix_over_peft_lora": 1.1}
+    for key, value in ratios.items():
+        better = value >= targets[key] if key == "loop_over_riemix" else value <= targets[key]
+        print(f"{key:<24} {value:6.2f}  (target {'>=' if key == 'loop_over_riemix' else '<='} {targets[key]}: "
+              f"{'met' if better else 'NOT met'})")
+    record = {
+        "benchmark": "layer_speed",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "args": vars(args),
+        "median_seconds": med,
+        "all_seconds": times,
+        "ratios": ratios,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"layer_speed{'_quick' if args.quick else ''}_{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
