@@ -48,7 +48,9 @@ def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
 def build(args, dtype):
     torch.manual_seed(0)
     base = nn.Linear(args.width, args.width, bias=False).to(dtype).requires_grad_(False)
-    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(dtype)
+    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(
+        dtype
+    )
     with torch.no_grad():
         moe.lora_B.normal_(std=0.01)
     cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
@@ -59,7 +61,9 @@ def build(args, dtype):
         holder.proj = nn.Linear(args.width, args.width, bias=False).to(dtype)
         holder.proj.weight.data.copy_(base.weight.data)
         holder.forward = lambda x: holder.proj(x)
-        lora_cfg = LoraConfig(r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0)
+        lora_cfg = LoraConfig(
+            r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0
+        )
         peft = get_peft_model(holder, lora_cfg).to(dtype)
         with torch.no_grad():
             for name, param in peft.named_parameters():
@@ -79,7 +83,9 @@ def time_step(fn, x, upstream) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rank", type=int, default=4)
@@ -123,18 +129,28 @@ def main() -> None:
     targets = {"riemix_over_base": 1.3, "loop_over_riemix": 8.0, "riemix_over_peft_lora": 1.1}
     for key, value in ratios.items():
         better = value >= targets[key] if key == "loop_over_riemix" else value <= targets[key]
-        print(f"{key:<24} {value:6.2f}  (target {'>=' if key == 'loop_over_riemix' else '<='} {targets[key]}: "
-              f"{'met' if better else 'NOT met'})")
+        print(
+            f"{key:<24} {value:6.2f}  (target {'>=' if key == 'loop_over_riemix' else '<='} {targets[key]}: "
+            f"{'met' if better else 'NOT met'})"
+        )
     record = {
         "benchmark": "layer_speed",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "args": vars(args),
         "median_seconds": med,
         "all_seconds": times,
         "ratios": ratios,
     }
-    out = Path(args.out) if args.out else RESULTS / f"layer_speed{'_quick' if args.quick else ''}_{args.dtype}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"layer_speed{'_quick' if args.quick else ''}_{args.dtype}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

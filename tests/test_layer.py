@@ -43,7 +43,9 @@ def reference_forward(layer: MoELoRALinear, x: torch.Tensor, mode: str, k: int, 
 
 def make_layer(mode: str, k: int, p: float, dtype: torch.dtype, seed: int = 0) -> MoELoRALinear:
     torch.manual_seed(seed)
-    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT).to(dtype), E, R, alpha=6.0, top_k=k, routing=mode, gate_grad_power=p)
+    layer = MoELoRALinear(
+        nn.Linear(D_IN, D_OUT).to(dtype), E, R, alpha=6.0, top_k=k, routing=mode, gate_grad_power=p
+    )
     with torch.no_grad():  # non-zero B and a sharp router so every gradient is non-trivial
         layer.lora_B.normal_()
         layer.router.weight.normal_()
@@ -53,7 +55,11 @@ def make_layer(mode: str, k: int, p: float, dtype: torch.dtype, seed: int = 0) -
 CASES = [
     (mode, k, p, dtype, ndim)
     for mode, k, p, dtype, ndim in itertools.product(
-        ["softmax_topk", "topk_softmax", "dense"], [1, 2, E], [1.0, 0.5, 0.0], [torch.float64, torch.float32], [2, 3]
+        ["softmax_topk", "topk_softmax", "dense"],
+        [1, 2, E],
+        [1.0, 0.5, 0.0],
+        [torch.float64, torch.float32],
+        [2, 3],
     )
     if not (mode == "dense" and k != E)
 ]
@@ -98,8 +104,12 @@ def test_unselected_experts_get_no_gradient():
 def test_gate_grad_coefficients_values():
     g = torch.tensor([[0.0, 0.25, 0.75]], dtype=torch.float64)
     torch.testing.assert_close(gate_grad_coefficients(g, 1.0), g)
-    torch.testing.assert_close(gate_grad_coefficients(g, 0.5), torch.tensor([[0.0, 0.5, 0.75**0.5]], dtype=torch.float64))
-    torch.testing.assert_close(gate_grad_coefficients(g, 0.0), torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        gate_grad_coefficients(g, 0.5), torch.tensor([[0.0, 0.5, 0.75**0.5]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        gate_grad_coefficients(g, 0.0), torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "dense"])

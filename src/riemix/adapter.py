@@ -167,7 +167,9 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         raise AdapterError(f"{weights}: adapter weights not found")
     if _sha256(weights) != meta.get("weights_sha256"):
-        raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
+        raise AdapterError(
+            f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}"
+        )
     _check_base(base_model, meta, cfg_path)
     config = _config_from_meta(meta)
     saved_modules = meta["base_model"]["modules"]

@@ -136,7 +136,17 @@ def moe_lora_linear(
         ``(N, E)`` fp32 gates (not differentiable; for diagnostics).
     """
     return _MoELoRAFunction.apply(
-        x, x_drop, weight, bias, lora_a, lora_b, router_weight, routing, top_k, float(gate_grad_power), float(scaling)
+        x,
+        x_drop,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        router_weight,
+        routing,
+        top_k,
+        float(gate_grad_power),
+        float(scaling),
     )
 
 
@@ -273,11 +283,12 @@ class MoELoRALinear(nn.Module):
         Returns:
             ``(out, in)`` weight delta.
         """
-        return self.scaling * torch.einsum("e,eor,eri->oi", gates.to(self.lora_A.dtype), self.lora_B, self.lora_A)
+        return self.scaling * torch.einsum(
+            "e,eor,eri->oi", gates.to(self.lora_A.dtype), self.lora_B, self.lora_A
+        )
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}"
         )
-

@@ -35,7 +35,9 @@ def layer_index(module_name: str) -> int | None:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Sorted distinct last name components of the ``nn.Linear`` modules of ``model``."""
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    )
 
 
 def _matches(name: str, target: list[str] | str) -> bool:
@@ -96,7 +98,8 @@ def add_moe_lora(
     """
     targets = find_target_modules(model, config)
     counts = {
-        name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name)) for name in targets
+        name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name))
+        for name in targets
     }
     for param in model.parameters():
         param.requires_grad_(False)

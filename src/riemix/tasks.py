@@ -1,0 +1,301 @@
+"""How a dataset is presented to a model: prompts, tokenisation, batching, losses and scores.
+
+Causal LMs see every task as text continuation:
+
+- ``mcq`` with ``format="letter"``: ``"Question: …\\nA. …\\nB. …\\nAnswer:"`` → ``" A"``; the score is the
+  answer-position logit of each valid letter (the LM head is evaluated on those rows only).
+- ``mcq`` with ``format="cloze"``: each choice's text after ``"Question: …\\nAnswer:"`` is scored by its
+  length-normalised log-likelihood; training uses the correct choice's text as the target.
+- ``classification`` (label words): ``template`` (default ``"{text}\\nAnswer:"``) → ``" " + label word``,
+  scored on the first token of each label word.
+- ``sft``: prompt → completion, loss on the completion tokens only.
+
+The loss covers the answer tokens only, and the LM head is applied only at the positions the loss or the
+score needs (never the full vocabulary at every position).  Encoders (``sequence_classification``) use
+the model's classification head with cross-entropy (or MSE for regression).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ClassificationExample, Dataset, MCQExample, SFTExample
+
+__all__ = ["TaskSpec", "TaskModel", "LMItem", "encode_train", "collate_lm", "collate_encoder", "eval_batches"]
+
+DEFAULT_TEMPLATES = {
+    "glue/sst2": "Review: {text}\nSentiment:",
+    "boolq": "{text_pair}\nQuestion: {text}?\nAnswer:",
+}
+DEFAULT_LABEL_WORDS = {"glue/sst2": ["negative", "positive"], "boolq": ["no", "yes"]}
+
+
+@dataclass
+class TaskSpec:
+    """Presentation of one dataset to one model.
+
+    Attributes:
+        model_kind: ``"causal_lm"`` or ``"sequence_classification"``.
+        task: the dataset's task (``mcq``, ``classification``, ``regression``, ``sft``).
+        format: MCQ formulation for causal LMs: ``"cloze"`` or ``"letter"``.
+        template: prompt template for label-word classification (``{text}``, ``{text_pair}``).
+        label_words: one word per class for label-word classification.
+        max_length: token budget per sequence (prompts are truncated from the left).
+    """
+
+    model_kind: str
+    task: str
+    format: str = "cloze"
+    template: str = "{text}\nAnswer:"
+    label_words: list[str] = field(default_factory=list)
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in ("causal_lm", "sequence_classification"):
+            raise ValueError(
+                f"model_kind must be 'causal_lm' or 'sequence_classification', got {self.model_kind!r}"
+            )
+        if self.format not in ("cloze", "letter"):
+            raise ValueError(f"format must be 'cloze' or 'letter', got {self.format!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.model_kind == "causal_lm" and self.task == "regression":
+            raise ValueError(
+                "regression tasks need an encoder (task sequence_classification), not a causal LM"
+            )
+        if self.model_kind == "sequence_classification" and self.task in ("mcq", "sft"):
+            raise ValueError(f"task {self.task!r} needs a causal LM, not a sequence-classification model")
+
+    @classmethod
+    def for_dataset(cls, dataset: Dataset, model_kind: str, **overrides) -> TaskSpec:
+        """Defaults for a dataset (template and label words of the built-in sets), then ``overrides``.
+
+        Raises:
+            ValueError: when label words are needed but neither known nor given.
+        """
+        kw: dict = {"model_kind": model_kind, "task": dataset.task}
+        if dataset.name in DEFAULT_TEMPLATES:
+            kw["template"] = DEFAULT_TEMPLATES[dataset.name]
+        words = DEFAULT_LABEL_WORDS.get(dataset.name) or list(dataset.label_names or [])
+        kw["label_words"] = words
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        spec = cls(**kw)
+        if model_kind == "causal_lm" and dataset.task == "classification":
+            n = dataset.num_labels or 0
+            if len(spec.label_words) != n:
+                raise ValueError(
+                    f"label_words has {len(spec.label_words)} entries for {n} classes of {dataset.name}"
+                )
+        return spec
+
+
+@dataclass
+class LMItem:
+    """One causal-LM sequence: ``prompt`` ids then ``target`` ids (the loss covers the target only)."""
+
+    prompt: list[int]
+    target: list[int]
+
+
+def _mcq_prompt(ex: MCQExample, with_choices: bool) -> str:
+    parts = [f"Context: {ex.context}"] if ex.context else []
+    parts.append(f"Question: {ex.question}")
+    if with_choices:
+        parts += [f"{lab}. {c}" for lab, c in zip(ex.labels, ex.choices, strict=True)]
+    return "\n".join(parts) + "\nAnswer:"
+
+
+def _cls_prompt(ex: ClassificationExample, template: str) -> str:
+    return template.format(text=ex.text.strip(), text_pair=(ex.text_pair or "").strip())
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _fit(prompt: list[int], target: list[int], max_length: int) -> LMItem:
+    target = target[: max_length // 2]
+    keep = max_length - len(target)
+    return LMItem(prompt[-keep:], target)
+
+
+def encode_train(ex, spec: TaskSpec, tokenizer) -> LMItem:
+    """Tokenise one training example for a causal LM.
+
+    Raises:
+        TypeError: for an example type the spec cannot handle.
+    """
+    if isinstance(ex, MCQExample):
+        if spec.format == "letter":
+            return _fit(
+                _ids(tokenizer, _mcq_prompt(ex, True), True),
+                _ids(tokenizer, " " + ex.labels[ex.answer], False),
+                spec.max_length,
+            )
+        return _fit(
+            _ids(tokenizer, _mcq_prompt(ex, False), True),
+            _ids(tokenizer, " " + ex.choices[ex.answer], False),
+            spec.max_length,
+        )
+    if isinstance(ex, ClassificationExample):
+        word = " " + spec.label_words[int(ex.label)]
+        return _fit(
+            _ids(tokenizer, _cls_prompt(ex, spec.template), True),
+            _ids(tokenizer, word, False),
+            spec.max_length,
+        )
+    if isinstance(ex, SFTExample):
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion = ex.completion if not ex.prompt or ex.completion[:1].isspace() else " " + ex.completion
+        return _fit(
+            _ids(tokenizer, ex.prompt, True) if ex.prompt else _ids(tokenizer, "", True),
+            _ids(tokenizer, completion, False) + eos,
+            spec.max_length,
+        )
+    raise TypeError(f"cannot encode {type(ex).__name__} for a causal LM")
+
+
+def collate_lm(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad LM items; ``loss_index`` holds flat (batch·T) positions predicting ``loss_target``."""
+    length = max(len(it.prompt) + len(it.target) for it in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(items), length), dtype=torch.long)  # (B, T)
+    index, target, owner = [], [], []
+    for b, it in enumerate(items):
+        seq = it.prompt + it.target
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        start = len(it.prompt)
+        for j, tok in enumerate(it.target):
+            index.append(b * length + start + j - 1)  # position predicting target token j
+            target.append(tok)
+            owner.append(b)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "loss_index": torch.tensor(index, dtype=torch.long),  # (P,)
+        "loss_target": torch.tensor(target, dtype=torch.long),  # (P,)
+        "loss_owner": torch.tensor(owner, dtype=torch.long),  # (P,) which row each target belongs to
+    }
+
+
+def collate_encoder(
+    examples: list[ClassificationExample], tokenizer, max_length: int, regression: bool
+) -> dict:
+    """Tokenise (pair) classification examples for an encoder with a classification head."""
+    texts = [ex.text for ex in examples]
+    pairs = [ex.text_pair for ex in examples] if examples[0].text_pair is not None else None
+    batch = dict(
+        tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    )
+    dtype = torch.float32 if regression else torch.long
+    batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=dtype)
+    return batch
+
+
+def eval_batches(dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int):
+    """Yield ``(kind, batch, n_examples)`` scoring batches covering ``dataset`` in order.
+
+    ``kind`` is ``"choice"`` (one answer position, candidate token ids in ``batch["candidates"]``),
+    ``"cloze"`` (one row per (example, choice), ``batch["num_choices"]``), ``"encoder"`` or ``"sft"``.
+    """
+    exs = dataset.examples
+    if spec.model_kind == "sequence_classification":
+        for i in range(0, len(exs), batch_size):
+            chunk = exs[i : i + batch_size]
+            yield (
+                "encoder",
+                collate_encoder(chunk, tokenizer, spec.max_length, dataset.task == "regression"),
+                len(chunk),
+            )
+        return
+    if dataset.task == "sft":
+        for i in range(0, len(exs), batch_size):
+            chunk = exs[i : i + batch_size]
+            yield (
+                "sft",
+                collate_lm([encode_train(e, spec, tokenizer) for e in chunk], tokenizer.pad_token_id),
+                len(chunk),
+            )
+        return
+    cloze = dataset.task == "mcq" and spec.format == "cloze"
+    if cloze:  # batch whole examples, one row per choice
+        per = max(1, batch_size // max(len(exs[0].choices), 1))
+        for i in range(0, len(exs), per):
+            chunk = exs[i : i + per]
+            items = []
+            for ex in chunk:
+                prompt = _ids(tokenizer, _mcq_prompt(ex, False), True)
+                items += [_fit(prompt, _ids(tokenizer, " " + c, False), spec.max_length) for c in ex.choices]
+            batch = collate_lm(items, tokenizer.pad_token_id)
+            batch["num_choices"] = torch.tensor([len(ex.choices) for ex in chunk])
+            yield "cloze", batch, len(chunk)
+        return
+    for i in range(0, len(exs), batch_size):
+        chunk = exs[i : i + batch_size]
+        items, cands = [], []
+        for ex in chunk:
+            if isinstance(ex, MCQExample):
+                prompt, words = _mcq_prompt(ex, True), [" " + lab for lab in ex.labels]
+            else:
+                prompt, words = _cls_prompt(ex, spec.template), [" " + w for w in spec.label_words]
+            first = [_ids(tokenizer, w, False)[0] for w in words]
+            items.append(_fit(_ids(tokenizer, prompt, True), first[:1], spec.max_length))
+            cands.append(first)
+        width = max(len(c) for c in cands)
+        batch = collate_lm(items, tokenizer.pad_token_id)
+        batch["candidates"] = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands])  # (B, C)
+        batch["candidate_valid"] = torch.tensor([[j < len(c) for j in range(width)] for c in cands])
+        yield "choice", batch, len(chunk)
+
+
+class TaskModel(nn.Module):
+    """Wraps a Hugging Face model so ``forward(batch)`` returns the training loss or eval scores.
+
+    Keeping this in one module lets ``accelerate`` wrap it (DDP) while the LM head is applied only at
+    the positions that matter.
+    """
+
+    def __init__(self, model: nn.Module, model_kind: str) -> None:
+        super().__init__()
+        self.model = model
+        self.model_kind = model_kind
+
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state  # (B, T, H)
+
+    def _head(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        if rows is None:
+            return head(hidden)
+        weight = head.weight[rows]  # (..., C, H)
+        logits = torch.einsum("bh,bch->bc", hidden.to(weight.dtype), weight)
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[rows]
+        return logits
+
+    def forward(self, batch: dict, mode: str = "loss") -> torch.Tensor:
+        """``mode="loss"``: mean loss; ``"token_logprobs"``: (P,) target log-probs; ``"choice"``: (B, C)."""
+        if self.model_kind == "sequence_classification":
+            out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
+            logits = out.logits  # (B, C)
+            if mode != "loss":
+                return logits
+            if logits.shape[-1] == 1:
+                return F.mse_loss(logits.squeeze(-1).float(), batch["labels"].float())
+            return F.cross_entropy(logits.float(), batch["labels"])
+        hidden = self._hidden(batch)  # (B, T, H)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H)
+        if mode == "choice":
+            last = flat[batch["loss_index"]]  # (B, H): one answer position per row
+            logits = self._head(last, batch["candidates"]).float()  # (B, C)
+            return logits.masked_fill(~batch["candidate_valid"], float("-inf"))
+        logits = self._head(flat[batch["loss_index"]]).float()  # (P, V) only at target positions
+        if mode == "token_logprobs":
+            return -F.cross_entropy(logits, batch["loss_target"], reduction="none")  # (P,)
+        return F.cross_entropy(logits, batch["loss_target"])

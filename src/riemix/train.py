@@ -1,0 +1,336 @@
+"""The training loop: one explicit loop over optimizer steps, with Accelerate for devices.
+
+``train(TrainConfig(...))`` loads the model and data, adds MoE-LoRA adapters, evaluates zero-shot,
+trains with gradient accumulation, a linear-decay schedule, periodic evaluation, early stopping and
+atomic checkpoints, and writes the run directory:
+
+    <output_dir>/config.yaml        the resolved configuration
+    <output_dir>/metrics.jsonl      one JSON object per logged step / evaluation
+    <output_dir>/adapter/           the final adapter (save_adapter format)
+    <output_dir>/checkpoints/       resumable checkpoints (keep-last-K)
+    <output_dir>/summary.json       before/after metrics, wall time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter import save_adapter
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import MoELoRAConfig
+from .data import Dataset, load_dataset
+from .evaluate import evaluate
+from .fileio import atomic_write_json, atomic_write_text
+from .losses import load_balancing_loss, router_z_loss
+from .optim import build_optimizer
+from .tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
+from .train_config import TrainConfig
+from .tuner import add_moe_lora, iter_moe_lora_layers
+
+__all__ = ["train", "TrainConfig", "prepare", "linear_schedule"]
+
+HEAD_NAMES = ("classifier", "score")
+
+
+def linear_schedule(warmup_steps: int, total_steps: int, kind: str = "linear"):
+    """LR multiplier: linear warm-up, then linear decay to 0 (``kind="linear"``) or constant."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_data(cfg: TrainConfig) -> tuple[list[Dataset], list[Dataset]]:
+    names = cfg.dataset if isinstance(cfg.dataset, list) else [cfg.dataset]
+    eval_names = cfg.eval_dataset or names
+    eval_names = eval_names if isinstance(eval_names, list) else [eval_names]
+    if len(eval_names) != len(names):
+        raise ValueError(f"eval_dataset lists {len(eval_names)} datasets for {len(names)} training datasets")
+    train_sets, eval_sets = [], []
+    for name, eval_name in zip(names, eval_names, strict=True):
+        tr = load_dataset(name, cfg.train_split, cfg.data_dir)
+        ev = load_dataset(eval_name, cfg.eval_split, cfg.data_dir, label_names=tr.label_names)
+        if cfg.train_subset:
+            tr = tr.subset(cfg.train_subset, seed=cfg.seed)
+        if cfg.eval_subset:
+            ev = ev.subset(cfg.eval_subset, seed=0)
+        train_sets.append(tr)
+        eval_sets.append(ev)
+    return train_sets, eval_sets
+
+
+def prepare(cfg: TrainConfig, model=None, tokenizer=None):
+    """Load model, tokenizer and data; add adapters; build specs. Returns a namespace dict."""
+    from .models import load_model
+
+    train_sets, eval_sets = _load_data(cfg)
+    kind = cfg.model_kind
+    if model is None:
+        num_labels = None
+        if kind == "sequence_classification":
+            first = train_sets[0]
+            num_labels = 1 if first.task == "regression" else first.num_labels
+        model, tokenizer = load_model(cfg.model, task=kind, num_labels=num_labels)
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model!r} has no tokenizer; riemix needs one to encode text")
+    over = {
+        "format": cfg.format,
+        "template": cfg.template,
+        "label_words": cfg.label_words or None,
+        "max_length": cfg.max_length,
+    }
+    specs = [TaskSpec.for_dataset(ds, kind, **over) for ds in train_sets]
+    add_moe_lora(model, MoELoRAConfig(**cfg.adapter))
+    if kind == "sequence_classification":
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+                module.requires_grad_(True)  # a new task head must train
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "train_sets": train_sets,
+        "eval_sets": eval_sets,
+        "specs": specs,
+    }
+
+
+def _encode_all(train_sets, specs, tokenizer, kind) -> list:
+    items = []
+    for ds, spec in zip(train_sets, specs, strict=True):
+        if kind == "sequence_classification":
+            items += [(ds, ex) for ex in ds.examples]
+        else:
+            items += [encode_train(ex, spec, tokenizer) for ex in ds.examples]
+    return items
+
+
+def _batch_at(items, index: int, cfg: TrainConfig, rank: int, world: int) -> list:
+    """The examples of global micro-batch ``index``: a seeded permutation per epoch, sharded by rank."""
+    per_epoch = max(1, len(items) // cfg.batch_size)
+    epoch, offset = divmod(index, per_epoch)
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
+    chosen = perm[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].tolist()
+    return [items[i] for i in chosen[rank::world]]
+
+
+def _aux_loss(model, cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict]:
+    if not (cfg.load_balance_coef or cfg.z_loss_coef):
+        return None, {}
+    total, logs = 0.0, {"load_balance": 0.0, "z_loss": 0.0}
+    layers = [layer for _, layer in iter_moe_lora_layers(model)]
+    for layer in layers:
+        logits = layer.last_router_logits
+        m = mask if mask is not None and mask.numel() == logits.shape[0] else None
+        if cfg.load_balance_coef:
+            lb = load_balancing_loss(logits, layer.top_k, layer.routing, m)
+            total = total + cfg.load_balance_coef * lb / len(layers)
+            logs["load_balance"] += lb.item() / len(layers)
+        if cfg.z_loss_coef:
+            z = router_z_loss(logits, m)
+            total = total + cfg.z_loss_coef * z / len(layers)
+            logs["z_loss"] += z.item() / len(layers)
+    return total, logs
+
+
+def _format_table(before: dict, after: dict) -> str:
+    keys = sorted(set(before) | set(after))
+    lines = [f"{'metric':<28} {'before':>10} {'after':>10} {'change':>10}"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        fb = f"{b:10.4f}" if b is not None else f"{'-':>10}"
+        fa = f"{a:10.4f}" if a is not None else f"{'-':>10}"
+        fc = f"{a - b:+10.4f}" if a is not None and b is not None else f"{'':>10}"
+        lines.append(f"{k:<28} {fb} {fa} {fc}")
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run a training job; returns the summary (also written to ``summary.json``).
+
+    Args:
+        cfg: the validated training configuration.
+        model: optional already-loaded model (tests pass tiny models); loaded from ``cfg.model`` if None.
+        tokenizer: its tokenizer.
+    """
+    from accelerate import Accelerator
+
+    t_start = time.time()
+    _seed_everything(cfg.seed)
+    accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cfg.cpu)
+    out = Path(cfg.output_dir)
+    is_main = accel.is_main_process
+    log = print if is_main and cfg.verbose else (lambda *a, **k: None)
+    ctx = prepare(cfg, model, tokenizer)
+    model, tokenizer, specs = ctx["model"], ctx["tokenizer"], ctx["specs"]
+    task_model = TaskModel(model, cfg.model_kind)
+    items = _encode_all(ctx["train_sets"], specs, tokenizer, cfg.model_kind)
+    if not items:
+        raise ValueError("the training set is empty")
+    opt = build_optimizer(
+        model,
+        cfg.optimizer,
+        lr=cfg.lr,
+        gate_lr=cfg.gate_lr,
+        reg=cfg.reg,
+        weight_decay=cfg.weight_decay,
+        loraplus_ratio=cfg.loraplus_ratio,
+        gate_max_grad_norm=cfg.gate_max_grad_norm,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, linear_schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)
+    )
+    task_model, opt_p = accel.prepare(task_model, opt)
+    device = accel.device
+    autocast = torch.bfloat16 if cfg.bf16 else None
+    if cfg.load_balance_coef or cfg.z_loss_coef:
+        for _, layer in iter_moe_lora_layers(model):
+            layer.record_routing = True
+
+    def run_eval() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for ds, spec in zip(ctx["eval_sets"], specs, strict=True):
+            res = evaluate(task_model, ds, spec, tokenizer, cfg.eval_batch_size, device, autocast)
+            prefix = "" if len(ctx["eval_sets"]) == 1 else f"{ds.name}/"
+            metrics.update({f"{prefix}{k}": v for k, v in res.items()})
+        return metrics
+
+    start_step, extra = 0, {"best": None, "bad_evals": 0, "before": None}
+    if cfg.resume:
+        ckpt = latest_checkpoint(out) if cfg.resume is True or cfg.resume == "latest" else Path(cfg.resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
+        state = load_checkpoint(ckpt, model, opt, sched)
+        start_step, extra = state["step"], state["extra"]
+        log(f"resumed from {ckpt} at step {start_step}")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    metrics_file = out / "metrics.jsonl"
+
+    def record(entry: dict) -> None:
+        if is_main:
+            with open(metrics_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    if extra["before"] is None and cfg.eval_before:
+        extra["before"] = run_eval()
+        record({"step": 0, "eval": extra["before"]})
+        log("zero-shot: " + ", ".join(f"{k}={v:.4f}" for k, v in extra["before"].items()))
+    pbar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    task_model.train()
+    tokens_seen, t_loop, stop, last_eval = 0, time.time(), False, None
+    for step in range(start_step, cfg.max_steps):
+        loss_sum, aux_logs = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            chunk = _batch_at(
+                items, step * cfg.grad_accum + micro, cfg, accel.process_index, accel.num_processes
+            )
+            if cfg.model_kind == "sequence_classification":
+                batch = collate_encoder(
+                    [ex for _, ex in chunk], tokenizer, cfg.max_length, chunk[0][0].task == "regression"
+                )
+            else:
+                batch = collate_lm(chunk, tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            tokens_seen += int(batch["attention_mask"].sum())
+            sync = micro == cfg.grad_accum - 1
+            with accel.no_sync(task_model) if not sync else contextlib.nullcontext():
+                loss = task_model(batch)
+                aux, aux_logs = _aux_loss(model, cfg, batch["attention_mask"])
+                total = loss if aux is None else loss + aux
+                accel.backward(total / cfg.grad_accum)
+            loss_sum += loss.item() / cfg.grad_accum
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}; lower the learning rate")
+        opt_p.step()
+        sched.step()
+        opt_p.zero_grad(set_to_none=True)
+        done = step + 1
+        elapsed = time.time() - t_loop
+        lr_now = sched.get_last_lr()[0]
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(
+                loss=f"{loss_sum:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}"
+            )
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            record(
+                {
+                    "step": done,
+                    "loss": loss_sum,
+                    "lr": lr_now,
+                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    **aux_logs,
+                }
+            )
+        want_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
+        if want_eval:
+            last_eval = run_eval()
+            record({"step": done, "eval": last_eval})
+            log(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+            stop = _early_stop(cfg, last_eval, extra)
+        if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps or stop):
+            save_checkpoint(out, done, model, opt, sched, extra, cfg.keep_last)
+        if stop:
+            log(
+                f"early stopping at step {done}: no improvement of {cfg.early_stopping_metric} "
+                f"in {cfg.early_stopping_patience} evaluations"
+            )
+            break
+    if pbar is not None:
+        pbar.close()
+    if last_eval is None:
+        last_eval = run_eval()
+    summary = {
+        "before": extra["before"],
+        "after": last_eval,
+        "steps": done if cfg.max_steps else 0,
+        "wall_seconds": time.time() - t_start,
+        "train_seconds": time.time() - t_loop,
+        "output_dir": str(out),
+    }
+    if is_main:
+        save_adapter(model, out / "adapter", extra={"train_config": cfg.to_dict()})
+        atomic_write_json(out / "summary.json", summary)
+        if extra["before"] is not None:
+            log("\n" + _format_table(extra["before"], last_eval))
+        log(f"wall time {summary['wall_seconds']:.0f} s; run directory {out}")
+    return summary
+
+
+def _early_stop(cfg: TrainConfig, metrics: dict[str, float], extra: dict) -> bool:
+    name = cfg.early_stopping_metric
+    if not cfg.early_stopping_patience or name not in metrics:
+        return False
+    value = metrics[name] if name != "loss" else -metrics[name]
+    if extra["best"] is None or value > extra["best"]:
+        extra["best"], extra["bad_evals"] = value, 0
+        return False
+    extra["bad_evals"] += 1
+    return extra["bad_evals"] >= cfg.early_stopping_patience

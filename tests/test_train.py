@@ -1,0 +1,353 @@
+"""The training tool on tiny random models: learning, resume equivalence, CLI and config errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from tiny import make_tiny_bert, make_tiny_llama
+
+from riemix import iter_moe_lora_layers
+from riemix.adapter import load_adapter
+from riemix.cli import main
+from riemix.train import TrainConfig, linear_schedule, train
+
+GOOD = ["apple", "pear", "plum", "fig"]
+BAD = ["rock", "sand", "iron", "salt", "clay", "dust"]
+FILLER = ["what", "is", "tasty", "the", "best", "pick", "today", "here"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = (
+        [
+            "<pad>",
+            "<eos>",
+            "<unk>",
+            "Question:",
+            "Answer:",
+            "Review:",
+            "Sentiment:",
+            "good",
+            "bad",
+            "A",
+            "B",
+            "C",
+            ".",
+            ":",
+            "?",
+        ]
+        + GOOD
+        + BAD
+        + FILLER
+    )
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def write_mcq(path, n, seed):
+    """Synthetic but learnable: the correct choice is always a fruit, the others are minerals."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            choices = rng.sample(BAD, 2) + [rng.choice(GOOD)]
+            rng.shuffle(choices)
+            answer = next(i for i, c in enumerate(choices) if c in GOOD)
+            fh.write(
+                json.dumps(
+                    {"question": " ".join(rng.sample(FILLER, 3)), "choices": choices, "answer": answer}
+                )
+            )
+            fh.write("\n")
+    return str(path)
+
+
+@pytest.fixture
+def mcq_files(tmp_path):
+    return write_mcq(tmp_path / "train.jsonl", 96, 0), write_mcq(tmp_path / "dev.jsonl", 48, 1)
+
+
+def base_cfg(tmp_path, mcq_files, **kw) -> TrainConfig:
+    opts = dict(
+        model="tiny",
+        dataset=mcq_files[0],
+        eval_dataset=mcq_files[1],
+        format="cloze",
+        batch_size=8,
+        max_steps=30,
+        lr=3e-2,
+        gate_lr=1e-2,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+        verbose=False,
+        eval_batch_size=48,
+        adapter={
+            "num_experts": 4,
+            "top_k": 2,
+            "rank": 4,
+            "alpha": 8.0,
+            "dropout": 0.1,
+            "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
+        },
+    )
+    opts.update(kw)
+    return TrainConfig.from_dict(opts)
+
+
+def test_tiny_model_learns_synthetic_mcq(tmp_path, mcq_files):
+    torch.manual_seed(0)
+    summary = train(base_cfg(tmp_path, mcq_files), model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] + 0.25
+    losses = [
+        json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line
+    ]
+    assert losses[-1] < losses[0]
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "adapter",
+        "checkpoints",
+        "summary.json",
+    }
+    restored = load_adapter(make_tiny_llama(), run / "adapter")
+    assert len(list(iter_moe_lora_layers(restored))) == 8
+
+
+def test_resume_is_bit_identical(tmp_path, mcq_files):
+    cfg = base_cfg(
+        tmp_path,
+        mcq_files,
+        max_steps=6,
+        save_every=3,
+        keep_last=5,
+        eval_before=False,
+        output_dir=str(tmp_path / "straight"),
+    )
+    train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "step-000003", resumed_dir / "checkpoints" / "step-000003"
+    )
+    cfg2 = base_cfg(
+        tmp_path,
+        mcq_files,
+        max_steps=6,
+        save_every=3,
+        keep_last=5,
+        eval_before=False,
+        output_dir=str(resumed_dir),
+        resume=True,
+    )
+    torch.manual_seed(999)  # a different ambient RNG state must not matter: the checkpoint restores it
+    train(cfg2, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    a = load_adapter(make_tiny_llama(), tmp_path / "straight" / "adapter")
+    b = load_adapter(make_tiny_llama(), resumed_dir / "adapter")
+    for (name, la), (_, lb) in zip(iter_moe_lora_layers(a), iter_moe_lora_layers(b), strict=True):
+        assert torch.equal(la.lora_A, lb.lora_A), name
+        assert torch.equal(la.lora_B, lb.lora_B), name
+        assert torch.equal(la.router.weight, lb.router.weight), name
+
+
+def test_keep_last_checkpoints(tmp_path, mcq_files):
+    cfg = base_cfg(tmp_path, mcq_files, max_steps=4, save_every=1, keep_last=2, eval_before=False)
+    train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000003",
+        "step-000004",
+    ]
+
+
+def test_encoder_classification_trains_head_and_adapters(tmp_path):
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("dev", 32)):
+        with open(tmp_path / f"{split}.jsonl", "w") as fh:
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                word = rng.choice(GOOD if label else BAD)
+                fh.write(json.dumps({"text": f"{word} {rng.choice(FILLER)}", "label": label}) + "\n")
+    cfg = TrainConfig.from_dict(
+        dict(
+            model="tiny",
+            model_kind="sequence_classification",
+            dataset=str(tmp_path / "train.jsonl"),
+            eval_dataset=str(tmp_path / "dev.jsonl"),
+            batch_size=8,
+            max_steps=50,
+            lr=3e-2,
+            progress=False,
+            verbose=False,
+            output_dir=str(tmp_path / "run"),
+            adapter={"num_experts": 2, "top_k": 1, "rank": 2, "target_modules": ["query", "value"]},
+        )
+    )
+    model = make_tiny_bert()
+    head_before = model.classifier.weight.detach().clone()
+    summary = train(cfg, model=model, tokenizer=tiny_tokenizer())
+    assert not torch.equal(model.classifier.weight, head_before)
+    assert summary["after"]["accuracy"] > 0.8
+
+
+def test_aux_losses_are_logged(tmp_path, mcq_files):
+    cfg = base_cfg(
+        tmp_path,
+        mcq_files,
+        max_steps=2,
+        log_every=1,
+        load_balance_coef=0.01,
+        z_loss_coef=0.001,
+        eval_before=False,
+    )
+    train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert logged[0]["load_balance"] > 0 and logged[0]["z_loss"] > 0
+
+
+def test_linear_schedule():
+    f = linear_schedule(2, 10)
+    assert [f(s) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert linear_schedule(0, 10, "constant")(9) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": -1.0}, r"lr must be >= 0, got -1.0"),
+        ({"batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
+        ({"max_steps": -5}, r"max_steps must be an int >= 0, got -5"),
+        ({"format": "mc"}, r"format must be 'cloze' or 'letter', got 'mc'"),
+        ({"schedule": "cosine"}, r"schedule must be 'linear' or 'constant', got 'cosine'"),
+        ({"optimizer": "lion"}, r"optimizer must be one of sgd, adamw, rsgd, radamw, got 'lion'"),
+        ({"model_kind": "seq2seq"}, r"model_kind must be"),
+        ({"train_subset": 0}, r"train_subset must be an int >= 1 or null, got 0"),
+        ({"gate_lr": -1.0}, r"gate_lr must be >= 0 or null, got -1.0"),
+        ({"loraplus_ratio": 0.0}, r"loraplus_ratio must be > 0, got 0.0"),
+        ({"gate_max_grad_norm": 0.0}, r"gate_max_grad_norm must be > 0 or null, got 0.0"),
+        ({"max_length": 4}, r"max_length must be >= 8, got 4"),
+        ({"adapter": {"top_k": 99}}, r"adapter.top_k must be in 1..num_experts"),
+        ({"adapter": {"experts": 3}}, r"adapter: .*unexpected keyword argument 'experts'"),
+        ({"bogus": 1}, r"config: unknown option\(s\) \['bogus'\]"),
+    ],
+)
+def test_train_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(kwargs)
+
+
+# ---------------------------------------------------------------- CLI
+def save_tiny_model_dir(tmp_path):
+    model_dir = tmp_path / "tiny-model"
+    make_tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def test_cli_end_to_end_train_then_eval(tmp_path, mcq_files, capsys):
+    model_dir = save_tiny_model_dir(tmp_path)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(
+        f"model: {model_dir}\ndataset: {mcq_files[0]}\neval_dataset: {mcq_files[1]}\n"
+        "max_steps: 3\nbatch_size: 4\nlr: 0.01\nadapter:\n  num_experts: 2\n  top_k: 1\n"
+    )
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_file),
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--rank",
+                "2",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["adapter"]["rank"] == 2 and saved["adapter"]["num_experts"] == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                model_dir,
+                "--adapter",
+                str(out / "adapter"),
+                "--dataset",
+                mcq_files[1],
+                "--output",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
+    assert "accuracy" in json.loads((tmp_path / "m.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--lr", "-1", "--model", "x"], "lr must be >= 0, got -1.0"),
+        (["train", "--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+        (["train", "--dataset", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+        (
+            ["train", "--model", "nobody/nothing", "--dataset", "glue/sst2", "--train-subset", "8"],
+            "could not load",
+        ),
+        (["eval", "--dataset", "no_such_dataset"], "no_such_dataset"),
+    ],
+)
+def test_cli_errors_exit_2_with_message(argv, match, capsys, tmp_path):
+    argv = argv + (["--output-dir", str(tmp_path / "o")] if argv[0] == "train" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "error" in err
+
+
+def test_cli_bad_yaml_and_unknown_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+    bad.write_text("learning_rate: 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_cli_resume_without_checkpoint(tmp_path, mcq_files, capsys):
+    model_dir = save_tiny_model_dir(tmp_path)
+    argv = [
+        "train",
+        "--model",
+        model_dir,
+        "--dataset",
+        mcq_files[0],
+        "--output-dir",
+        str(tmp_path / "empty"),
+        "--resume",
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"]])
+def test_cli_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: riemix" in capsys.readouterr().out
