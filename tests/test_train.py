@@ -351,3 +351,55 @@ def test_cli_help(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "usage: riemix" in capsys.readouterr().out
+
+
+def test_sft_with_packing_reports_padding(tmp_path):
+    rng = random.Random(0)
+    with open(tmp_path / "sft.jsonl", "w") as fh:
+        for _ in range(40):
+            n = rng.randint(1, 5)
+            fh.write(json.dumps({"prompt": " ".join(rng.sample(FILLER, n)), "completion": rng.choice(GOOD)}) + "\n")
+    common = dict(model="tiny", dataset=str(tmp_path / "sft.jsonl"), eval_dataset=str(tmp_path / "sft.jsonl"),
+                  batch_size=4, max_steps=12, lr=3e-2, max_length=32, progress=False, verbose=False,
+                  adapter={"num_experts": 2, "top_k": 1, "rank": 2})
+    packed = train(TrainConfig.from_dict({**common, "packing": True, "output_dir": str(tmp_path / "p")}),
+                   model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    plain = train(TrainConfig.from_dict({**common, "output_dir": str(tmp_path / "u")}),
+                  model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    assert 0.0 <= packed["pad_fraction"] < plain["pad_fraction"]
+    assert packed["after"]["loss"] < packed["before"]["loss"]  # completion loss goes down
+
+
+def test_pack_items_and_collate_loss_positions():
+    from riemix.tasks import LMItem, collate_lm, pack_items
+
+    items = [LMItem([1, 2, 3], [4]), LMItem([5], [6, 7]), LMItem([8, 9, 10, 11], [12, 13])]
+    rows = pack_items(items, max_length=8)
+    # sizes 4, 3, 6 with room 8, first-fit decreasing: [6] and [4, 3]
+    assert [sum(len(i.prompt) + len(i.target) for i in row) for row in rows] == [6, 7]
+    batch = collate_lm(rows, pad_id=0)
+    flat_ids = batch["input_ids"].reshape(-1)
+    # every loss position predicts the token that follows it
+    assert torch.equal(flat_ids[batch["loss_index"] + 1], batch["loss_target"])
+    assert sorted(batch["loss_target"].tolist()) == [4, 6, 7, 12, 13]
+
+
+def test_early_stopping_stops(tmp_path, mcq_files):
+    cfg = base_cfg(tmp_path, mcq_files, max_steps=40, lr=0.0, gate_lr=0.0, eval_every=2,
+                   early_stopping_patience=2, eval_before=False)
+    summary = train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    assert summary["steps"] == 6  # lr 0: no improvement after the first evaluation at step 2
+
+
+def test_bf16_autocast_run(tmp_path, mcq_files):
+    summary = train(base_cfg(tmp_path, mcq_files, max_steps=3, bf16=True, eval_before=False),
+                    model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    assert 0.0 <= summary["after"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "fast_cpu.yaml", "minilm_glue.yaml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.max_steps > 0

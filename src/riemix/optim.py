@@ -9,7 +9,9 @@ an (A, B) pair::
 
 Both preconditioners are built from the pre-step parameters. The r x r systems of all pairs sharing
 ``(r, compute dtype, device)`` are inverted in one batched call (half precision is upcast to fp32).
-Parameters outside ``lora_pairs`` (routers, anything else) get the plain SGD / AdamW update.
+Parameters outside ``lora_pairs`` (routers, anything else) get the plain SGD / AdamW update. ``.grad``
+is never modified. On CPU the optimizer keeps one scratch buffer per preconditioned factor between
+steps (about the size of the LoRA factors; not part of the state_dict).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = ["OPTIMIZER_NAMES", "RiemannianAdamW", "RiemannianSGD", "build_optimiz
 
 OPTIMIZER_NAMES = ("adamw", "radamw", "rsgd", "sgd")
 _HALF = (torch.float16, torch.bfloat16)
+_Job = tuple[Tensor, Tensor, bool, float]  # (param to precondition, its partner factor, param is A, reg)
 
 
 def _check(ok: bool, name: str, value: Any) -> None:
@@ -34,36 +37,45 @@ def _check(ok: bool, name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value}")
 
 
+_RULES: dict[str, Callable[[Any], bool]] = {
+    "lr": lambda v: v >= 0.0,  # comparisons also reject NaN
+    "momentum": lambda v: v >= 0.0,
+    "weight_decay": lambda v: v >= 0.0,
+    "reg": lambda v: v >= 0.0,
+    "eps": lambda v: v is None or v >= 0.0,
+    "dampening": lambda v: 0.0 <= v <= 1.0,
+    "betas": lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+    "max_grad_norm": lambda v: v is None or 0.0 < v < math.inf,
+    "precondition": lambda v: isinstance(v, bool),
+    "reference_compat": lambda v: isinstance(v, bool),
+    "nesterov": lambda v: isinstance(v, bool),
+}
+
+
 def _validate_options(opts: dict[str, Any]) -> None:
     """Validate the hyperparameters present in ``opts`` (constructor defaults or one param group)."""
-    for key in ("lr", "momentum", "weight_decay", "reg"):
+    for key, ok in _RULES.items():
         if key in opts:
-            _check(opts[key] >= 0.0, key, opts[key])  # also rejects NaN
-    if "eps" in opts and opts["eps"] is not None:
-        _check(opts["eps"] >= 0.0, "eps", opts["eps"])
-    if "dampening" in opts:
-        _check(0.0 <= opts["dampening"] <= 1.0, "dampening", opts["dampening"])
-    if "betas" in opts:
-        betas = opts["betas"]
-        _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas)
-    if "max_grad_norm" in opts and opts["max_grad_norm"] is not None:
-        mgn = opts["max_grad_norm"]
-        _check(0.0 < mgn < math.inf, "max_grad_norm", mgn)
-    for key in ("precondition", "reference_compat", "nesterov"):
-        if key in opts:
-            _check(isinstance(opts[key], bool), key, opts[key])
+            _check(ok(opts[key]), key, opts[key])
     if opts.get("nesterov") and (opts["momentum"] <= 0 or opts["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _expert_dims(t: Tensor, rank_dim: int) -> tuple[int, int]:
-    """(num experts, rank) of a 2-D (E=1) or 3-D LoRA factor whose rank axis is ``rank_dim``."""
-    return (1 if t.dim() == 2 else t.shape[0]), t.shape[rank_dim]
+def _stack_matmuls(device: torch.device) -> bool:
+    """Batch same-shape factors into one matmul (accelerators) or loop per pair (CPU, measured faster)."""
+    return device.type != "cpu"
 
 
-def _as3d(t: Tensor) -> Tensor:
-    """View a 2-D LoRA factor as a single expert: (r, in) -> (1, r, in); 3-D factors pass through."""
-    return t if t.dim() == 3 else t.unsqueeze(0)
+def _batched(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(E, ., .) version of a factor or grad in ``dtype``; a 2-D one is a single expert (E=1)."""
+    t = t if t.dim() == 3 else t.unsqueeze(0)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _restore(t: Tensor, like: Tensor) -> Tensor:
+    """Undo ``_batched``: back to the shape and dtype of ``like``."""
+    t = t if t.dim() == like.dim() else t.view(like.shape)
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _by_device_dtype(params: list[Tensor], grads: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
@@ -91,26 +103,15 @@ def _clip(grads: list[Tensor], max_norm: float) -> list[Tensor]:
     return out
 
 
-def _spd_inverse(m: Tensor) -> Tensor:
-    """Batched inverse of symmetric positive definite matrices by vectorised Gauss-Jordan elimination.
+def _inverse(m: Tensor) -> Tensor:
+    """Batched inverse of (K, r, r) SPD matrices; a non-invertible one is replaced by the identity.
 
-    No pivoting is needed for SPD input. For the small ranks used by LoRA this costs O(r) tiny
-    vectorised kernels, far cheaper than a per-matrix LAPACK call on CPU.
-
-    Args:
-        m: (K, r, r) SPD matrices.
-
-    Returns:
-        (K, r, r) inverses.
+    The identity fallback (plain gradient for that expert, as in the reference's ``except`` branch)
+    keeps a degenerate Gram (e.g. ``reg=0`` with a zero factor) from writing NaN into the parameters.
     """
-    k, r, _ = m.shape
-    eye = torch.eye(r, dtype=m.dtype, device=m.device).expand(k, r, r)  # (K, r, r)
-    aug = torch.cat([m, eye], dim=-1)  # (K, r, 2r)
-    for i in range(r):
-        row = aug[:, i : i + 1, :] / aug[:, i : i + 1, i : i + 1]  # (K, 1, 2r)
-        aug = aug - aug[:, :, i : i + 1] * row  # (K, r, 2r)
-        aug[:, i : i + 1, :] = row
-    return aug[:, :, r:]  # (K, r, r)
+    inv, info = torch.linalg.inv_ex(m)  # (K, r, r), (K,)
+    ok = (info == 0) & torch.isfinite(inv).flatten(1).all(1)  # (K,)
+    return torch.where(ok[:, None, None], inv, torch.eye(m.shape[-1], dtype=m.dtype, device=m.device))
 
 
 class _RiemannianOptimizer(Optimizer):
@@ -122,6 +123,7 @@ class _RiemannianOptimizer(Optimizer):
         _validate_options(defaults)
         super().__init__(params, defaults)
         self._pairs: list[tuple[Tensor, Tensor]] = self._register_pairs(lora_pairs)
+        self._buffers: dict[Any, Tensor] = {}  # CPU scratch, reused across steps; not in state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_pairs": self._pairs}
@@ -129,10 +131,11 @@ class _RiemannianOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pairs", [])
+        self._buffers = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _validate_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        _validate_options(self.param_groups[-1])
 
     def _register_pairs(self, lora_pairs: Iterable) -> list[tuple[Tensor, Tensor]]:
         owned = {p for group in self.param_groups for p in group["params"]}
@@ -149,11 +152,9 @@ class _RiemannianOptimizer(Optimizer):
                     raise ValueError(f"lora_pairs[{i}]: {label} appears in more than one pair")
                 seen.add(t)
             if a.dim() not in (2, 3) or b.dim() != a.dim():
-                raise ValueError(
-                    f"lora_pairs[{i}]: A and B must both be 2-D or both 3-D, got shapes "
-                    f"{tuple(a.shape)} and {tuple(b.shape)}"
-                )
-            (ea, ra), (eb, rb) = _expert_dims(a, -2), _expert_dims(b, -1)
+                shapes = f"{tuple(a.shape)} and {tuple(b.shape)}"
+                raise ValueError(f"lora_pairs[{i}]: A and B must both be 2-D or both 3-D, got {shapes}")
+            (ea, eb), ra, rb = (a.shape[0], b.shape[0]) if a.dim() == 3 else (1, 1), a.shape[-2], b.shape[-1]
             if ea != eb:
                 raise ValueError(f"lora_pairs[{i}]: number of experts differs (A has {ea}, B has {eb})")
             if ra != rb:
@@ -197,8 +198,8 @@ class _RiemannianOptimizer(Optimizer):
                 gs = _clip(gs, group["max_grad_norm"])
             grads.update(zip(params, self._prepare_grads(group, params, gs), strict=True))
 
-        now: list[tuple[Tensor, Tensor, bool, float]] = []  # (param, other factor, is_A, reg)
-        later: list[tuple[Tensor, Tensor, bool, float]] = []
+        now: list[_Job] = []
+        later: list[_Job] = []
         for a, b in self._pairs:
             reg = group_of[a]["reg"]
             if a in grads and group_of[a]["precondition"]:
@@ -221,12 +222,11 @@ class _RiemannianOptimizer(Optimizer):
             if params:
                 self._update_group(group, params, [grads[p] for p in params])
 
-    @staticmethod
-    def _precondition(jobs: list[tuple[Tensor, Tensor, bool, float]], grads: dict[Tensor, Tensor]) -> None:
+    def _precondition(self, jobs: list[_Job], grads: dict[Tensor, Tensor]) -> None:
         """Replace ``grads[p]`` by its preconditioned version for every job, in place in ``grads``.
 
-        Jobs with identical shapes are stacked (one Gram matmul and one apply matmul per shape); the
-        Gram matrices of every shape sharing ``(r, compute dtype, device)`` are inverted together.
+        The Gram matrices of all jobs sharing ``(r, compute dtype, device)`` are inverted in one batched
+        call. Matmuls run batched per shape on accelerators and per pair on CPU (``_stack_matmuls``).
         """
         subs: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
         for p, other, is_a, reg in jobs:
@@ -234,29 +234,46 @@ class _RiemannianOptimizer(Optimizer):
         buckets: dict[tuple, list[tuple[bool, list, Tensor]]] = defaultdict(list)
         for (is_a, _, _, dtype, device, reg), members in subs.items():
             cdtype = torch.float32 if dtype in _HALF else dtype
-            xs = [_as3d(o).to(cdtype) for _, o in members]  # N x (E, out, r) if is_a else N x (E, r, in)
-            if device.type == "cpu":  # per-pair bmm: no large stacked copies (faster on CPU)
-                gram = torch.stack([torch.bmm(x.mT, x) if is_a else torch.bmm(x, x.mT) for x in xs])
-            else:  # accelerators: one batched matmul per shape
+            xs = [_batched(o, cdtype) for _, o in members]  # N x (E, out, r) if is_a else N x (E, r, in)
+            if _stack_matmuls(device):
                 x = torch.stack(xs)  # (N, E, out, r) or (N, E, r, in)
                 gram = x.mT @ x if is_a else x @ x.mT
+            else:
+                gram = torch.stack([torch.bmm(x.mT, x) if is_a else torch.bmm(x, x.mT) for x in xs])
             gram.diagonal(dim1=-2, dim2=-1).add_(reg)  # (N, E, r, r)
             buckets[(gram.shape[-1], cdtype, device)].append((is_a, members, gram))
         for (r, cdtype, device), entries in buckets.items():
             flat = [gram.view(-1, r, r) for *_, gram in entries]
-            inv = _spd_inverse(flat[0] if len(flat) == 1 else torch.cat(flat))  # (K, r, r)
+            inv = _inverse(flat[0] if len(flat) == 1 else torch.cat(flat))  # (K, r, r)
             parts = inv.split([f.shape[0] for f in flat])
             for (is_a, members, gram), inv_part in zip(entries, parts, strict=True):
                 inv_part = inv_part.view(gram.shape)  # (N, E, r, r)
                 ps = [p for p, _ in members]
-                gs = [_as3d(grads[p]).to(cdtype) for p in ps]  # N x (E, r, in) if is_a else N x (E, out, r)
-                if device.type == "cpu":  # g @ m as (m^T g^T)^T: much faster than MKL's small-r bmm
-                    pairs = zip(inv_part, gs, strict=True)
-                    new = [torch.bmm(m, g) if is_a else torch.bmm(m.mT, g.mT).mT for m, g in pairs]
-                else:
+                gs = [_batched(grads[p], cdtype) for p in ps]  # N x (E, r, in) if is_a else N x (E, out, r)
+                if _stack_matmuls(device):
                     g = torch.stack(gs)  # (N, E, r, in) or (N, E, out, r)
                     new = (inv_part @ g if is_a else g @ inv_part).unbind(0)
-                grads.update((p, n.reshape(p.shape).to(p.dtype)) for p, n in zip(ps, new, strict=True))
+                else:
+                    new = [self._cpu_apply(*args, is_a) for args in zip(ps, inv_part, gs, strict=True)]
+                grads.update((p, _restore(n, p)) for p, n in zip(ps, new, strict=True))
+
+    def _cpu_apply(self, p: Tensor, m: Tensor, g: Tensor, is_a: bool) -> Tensor:
+        """``m @ g`` (A) or ``g @ m`` (B) for one factor on CPU, into a buffer reused across steps.
+
+        Reused buffers avoid faulting in fresh memory every step (measured ~2.5x faster). ``g @ m`` is
+        computed as ``(m^T g^T)^T`` (~2x faster than MKL's small-r bmm) and then copied into a
+        contiguous buffer, since strided grads slow the elementwise update kernels ~8x.
+        """
+        out = self._buffers.get(p)  # like g: (E, r, in) for A, (E, out, r) for B
+        if out is None or out.shape != g.shape or out.dtype != g.dtype:
+            out = self._buffers[p] = torch.empty_like(g, memory_format=torch.contiguous_format)
+        if is_a:
+            return torch.bmm(m, g, out=out)
+        key = (g.shape, g.dtype)
+        tmp = self._buffers.get(key)  # (E, r, out)
+        if tmp is None:
+            tmp = self._buffers[key] = torch.empty_like(g.mT, memory_format=torch.contiguous_format)
+        return out.copy_(torch.bmm(m.mT, g.mT, out=tmp).mT)
 
 
 class RiemannianSGD(_RiemannianOptimizer):
@@ -322,7 +339,7 @@ class RiemannianSGD(_RiemannianOptimizer):
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        state["momentum_buffer"] = buf = torch.clone(g).detach()
+                        state["momentum_buffer"] = buf = g.clone(memory_format=torch.contiguous_format)
                     else:
                         buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
                     bufs.append(buf)
@@ -418,10 +435,9 @@ def _is_moe_lora(module: nn.Module, layer_cls: type | None) -> bool:
     """True for ``MoELoRALinear`` or anything duck-typed like it (lora_A/lora_B Parameters + router)."""
     if layer_cls is not None and isinstance(module, layer_cls):
         return True
-    return (
-        isinstance(getattr(module, "lora_A", None), nn.Parameter)
-        and isinstance(getattr(module, "lora_B", None), nn.Parameter)
-        and isinstance(getattr(module, "router", None), nn.Module)
+    factors = (getattr(module, "lora_A", None), getattr(module, "lora_B", None))
+    return all(isinstance(f, nn.Parameter) for f in factors) and isinstance(
+        getattr(module, "router", None), nn.Module
     )
 
 
@@ -483,9 +499,7 @@ def build_optimizer(
         layer_cls = None
 
     seen: set[int] = set()
-    a_params: list[nn.Parameter] = []
-    b_params: list[nn.Parameter] = []
-    router_params: list[nn.Parameter] = []
+    a_params, b_params, router_params = [], [], []
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
 
     def take(p: nn.Parameter, bucket: list[nn.Parameter]) -> bool:

@@ -25,7 +25,16 @@ from torch import nn
 
 from .data import ClassificationExample, Dataset, MCQExample, SFTExample
 
-__all__ = ["TaskSpec", "TaskModel", "LMItem", "encode_train", "collate_lm", "collate_encoder", "eval_batches"]
+__all__ = [
+    "TaskSpec",
+    "TaskModel",
+    "LMItem",
+    "encode_train",
+    "pack_items",
+    "collate_lm",
+    "collate_encoder",
+    "eval_batches",
+]
 
 DEFAULT_TEMPLATES = {
     "glue/sst2": "Review: {text}\nSentiment:",
@@ -150,30 +159,58 @@ def encode_train(ex, spec: TaskSpec, tokenizer) -> LMItem:
         )
     if isinstance(ex, SFTExample):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        completion = ex.completion if not ex.prompt or ex.completion[:1].isspace() else " " + ex.completion
-        return _fit(
-            _ids(tokenizer, ex.prompt, True) if ex.prompt else _ids(tokenizer, "", True),
-            _ids(tokenizer, completion, False) + eos,
-            spec.max_length,
-        )
+        if not ex.prompt:  # plain text: the first token is context, the rest is predicted
+            ids = _ids(tokenizer, ex.completion, True) + eos
+            return _fit(ids[:1], ids[1:], spec.max_length)
+        completion = ex.completion if ex.completion[:1].isspace() else " " + ex.completion
+        return _fit(_ids(tokenizer, ex.prompt, True), _ids(tokenizer, completion, False) + eos, spec.max_length)
     raise TypeError(f"cannot encode {type(ex).__name__} for a causal LM")
 
 
-def collate_lm(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad LM items; ``loss_index`` holds flat (batch·T) positions predicting ``loss_target``."""
-    length = max(len(it.prompt) + len(it.target) for it in items)
-    ids = torch.full((len(items), length), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(items), length), dtype=torch.long)  # (B, T)
+def pack_items(items: list[LMItem], max_length: int) -> list[list[LMItem]]:
+    """Greedy first-fit-decreasing packing of whole sequences into rows of at most ``max_length`` tokens.
+
+    Packed sequences share a row and attend to each other (plain causal mask; positions continue
+    across the row), the usual "naive packing" trade-off for throughput. The loss still covers
+    each sequence's target tokens only.
+    """
+    rows: list[list[LMItem]] = []
+    room: list[int] = []
+    for it in sorted(items, key=lambda it: -(len(it.prompt) + len(it.target))):
+        size = len(it.prompt) + len(it.target)
+        for r, free in enumerate(room):
+            if size <= free:
+                rows[r].append(it)
+                room[r] -= size
+                break
+        else:
+            rows.append([it])
+            room.append(max_length - size)
+    return rows
+
+
+def collate_lm(items: list[LMItem | list[LMItem]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad LM rows; ``loss_index`` holds flat (batch·T) positions predicting ``loss_target``.
+
+    Each row is one ``LMItem`` or a packed list of them (see ``pack_items``).
+    """
+    rows = [it if isinstance(it, list) else [it] for it in items]
+    length = max(sum(len(it.prompt) + len(it.target) for it in row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
     index, target, owner = [], [], []
-    for b, it in enumerate(items):
-        seq = it.prompt + it.target
-        ids[b, : len(seq)] = torch.tensor(seq)
-        mask[b, : len(seq)] = 1
-        start = len(it.prompt)
-        for j, tok in enumerate(it.target):
-            index.append(b * length + start + j - 1)  # position predicting target token j
-            target.append(tok)
-            owner.append(b)
+    for b, row in enumerate(rows):
+        offset = 0
+        for it in row:
+            seq = it.prompt + it.target
+            ids[b, offset : offset + len(seq)] = torch.tensor(seq)
+            mask[b, offset : offset + len(seq)] = 1
+            start = offset + len(it.prompt)
+            for j, tok in enumerate(it.target):
+                index.append(b * length + start + j - 1)  # position predicting target token j
+                target.append(tok)
+                owner.append(b)
+            offset += len(seq)
     return {
         "input_ids": ids,
         "attention_mask": mask,

@@ -32,7 +32,7 @@ from .evaluate import evaluate
 from .fileio import atomic_write_json, atomic_write_text
 from .losses import load_balancing_loss, router_z_loss
 from .optim import build_optimizer
-from .tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
+from .tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train, pack_items
 from .train_config import TrainConfig
 from .tuner import add_moe_lora, iter_moe_lora_layers
 
@@ -116,11 +116,13 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None):
     }
 
 
-def _encode_all(train_sets, specs, tokenizer, kind) -> list:
+def _encode_all(train_sets, specs, tokenizer, cfg: TrainConfig) -> list:
     items = []
     for ds, spec in zip(train_sets, specs, strict=True):
-        if kind == "sequence_classification":
+        if cfg.model_kind == "sequence_classification":
             items += [(ds, ex) for ex in ds.examples]
+        elif ds.task == "sft" and cfg.packing:
+            items += pack_items([encode_train(ex, spec, tokenizer) for ex in ds.examples], cfg.max_length)
         else:
             items += [encode_train(ex, spec, tokenizer) for ex in ds.examples]
     return items
@@ -175,9 +177,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         tokenizer: its tokenizer.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     t_start = time.time()
     _seed_everything(cfg.seed)
+    AcceleratorState._reset_state()  # a library call may follow another with other precision settings
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cfg.cpu)
     out = Path(cfg.output_dir)
     is_main = accel.is_main_process
@@ -185,7 +189,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     ctx = prepare(cfg, model, tokenizer)
     model, tokenizer, specs = ctx["model"], ctx["tokenizer"], ctx["specs"]
     task_model = TaskModel(model, cfg.model_kind)
-    items = _encode_all(ctx["train_sets"], specs, tokenizer, cfg.model_kind)
+    items = _encode_all(ctx["train_sets"], specs, tokenizer, cfg)
     if not items:
         raise ValueError("the training set is empty")
     opt = build_optimizer(
@@ -229,10 +233,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
     metrics_file = out / "metrics.jsonl"
 
+    writer = _tensorboard(out) if is_main and cfg.tensorboard else None
+
     def record(entry: dict) -> None:
-        if is_main:
-            with open(metrics_file, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+        if not is_main:
+            return
+        with open(metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        if writer is not None:
+            flat = {**{k: v for k, v in entry.items() if k not in ("step", "eval")}, **{
+                f"eval/{k}": v for k, v in entry.get("eval", {}).items()}}
+            for key, value in flat.items():
+                writer.add_scalar(key, value, entry["step"])
 
     if extra["before"] is None and cfg.eval_before:
         extra["before"] = run_eval()
@@ -244,8 +256,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
 
         pbar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
     task_model.train()
-    tokens_seen, t_loop, stop, last_eval = 0, time.time(), False, None
+    tokens_seen, padded_seen, train_time, stop, last_eval = 0, 0, 0.0, False, None
+    done = start_step
     for step in range(start_step, cfg.max_steps):
+        t_step = time.time()
         loss_sum, aux_logs = 0.0, {}
         for micro in range(cfg.grad_accum):
             chunk = _batch_at(
@@ -259,6 +273,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
                 batch = collate_lm(chunk, tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             tokens_seen += int(batch["attention_mask"].sum())
+            padded_seen += batch["attention_mask"].numel()
             sync = micro == cfg.grad_accum - 1
             with accel.no_sync(task_model) if not sync else contextlib.nullcontext():
                 loss = task_model(batch)
@@ -272,7 +287,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         sched.step()
         opt_p.zero_grad(set_to_none=True)
         done = step + 1
-        elapsed = time.time() - t_loop
+        train_time += time.time() - t_step
+        elapsed = train_time
         lr_now = sched.get_last_lr()[0]
         if pbar is not None:
             pbar.update(1)
@@ -286,6 +302,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
                     "loss": loss_sum,
                     "lr": lr_now,
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "pad_fraction": 1.0 - tokens_seen / max(padded_seen, 1),
                     **aux_logs,
                 }
             )
@@ -305,14 +322,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             break
     if pbar is not None:
         pbar.close()
+    if writer is not None:
+        writer.close()
     if last_eval is None:
         last_eval = run_eval()
     summary = {
         "before": extra["before"],
         "after": last_eval,
-        "steps": done if cfg.max_steps else 0,
+        "steps": done,
         "wall_seconds": time.time() - t_start,
-        "train_seconds": time.time() - t_loop,
+        "train_seconds": train_time,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "pad_fraction": 1.0 - tokens_seen / max(padded_seen, 1),
         "output_dir": str(out),
     }
     if is_main:
@@ -322,6 +343,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             log("\n" + _format_table(extra["before"], last_eval))
         log(f"wall time {summary['wall_seconds']:.0f} s; run directory {out}")
     return summary
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _early_stop(cfg: TrainConfig, metrics: dict[str, float], extra: dict) -> bool:

@@ -45,6 +45,7 @@ class TrainConfig:
     template: str | None = None
     label_words: list[str] = field(default_factory=list)
     max_length: int = 256
+    packing: bool = False
     adapter: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ADAPTER))
     optimizer: str = "radamw"
     lr: float = 1e-3
@@ -74,6 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     cpu: bool = False
     log_every: int = 10
+    tensorboard: bool = False
     progress: bool = True
     verbose: bool = True
 
