@@ -3,7 +3,10 @@
 An adapter directory holds two files, each written atomically:
 
 - ``adapter_model.safetensors``: the A, B and router tensors of every adapted module, keyed
-  ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.router.weight``;
+  ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.router.weight`` (``<module>.global_gate`` with
+  ``routing="global"``), plus ``<module>.expert_scale`` with ``expert_scales`` and
+  ``<module>.pissa_down`` / ``<module>.pissa_up`` with ``init="pissa"`` (the part of the base weight
+  moved into the experts, so the residual base can be rebuilt from the original model);
 - ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
   model (class name and, per wrapped module, its in/out features, expert count and rank) and the SHA-256
   of the tensor file.  It is written last, so a directory with a config is complete.
@@ -11,6 +14,7 @@ An adapter directory holds two files, each written atomically:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +28,15 @@ from torch import nn
 
 from .config import MoELoRAConfig
 from .fileio import atomic_write, atomic_write_json
-from .tuner import adapter_state_dict, add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
+from .init import restore_pissa
+from .tuner import (
+    adapter_state_dict,
+    adapter_tensor_shapes,
+    add_moe_lora,
+    find_target_modules,
+    iter_moe_lora_layers,
+    layer_index,
+)
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
 
@@ -59,6 +71,12 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"model_class": type(model).__name__, "modules": modules}
 
 
+def _runtime_state(model: nn.Module) -> dict[str, float]:
+    """Schedule values in force when saving (scale warm-up factor, router temperature)."""
+    layer = next(layer for _, layer in iter_moe_lora_layers(model))
+    return {"scale_factor": float(layer.scale_factor), "router_temperature": float(layer.router_temperature)}
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the model's MoE-LoRA adapters to the directory ``path`` (created if needed).
 
@@ -88,6 +106,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
         "base_model": fingerprint,
         "weights_sha256": _sha256(weights),
         "extra": extra or {},
+        "runtime": _runtime_state(model),
     }
     atomic_write_json(out / CONFIG_NAME, meta)
     return out
@@ -184,21 +203,34 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise AdapterError(f"{weights}: cannot read adapter weights: {exc}") from exc
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     for name, info in saved_modules.items():
-        e, r = info["num_experts"], info["rank"]
-        expected[f"{name}.lora_A"] = (e, r, info["in_features"])
-        expected[f"{name}.lora_B"] = (e, info["out_features"], r)
-        expected[f"{name}.router.weight"] = (e, info["in_features"])
+        expected.update(
+            adapter_tensor_shapes(
+                config, name, info["num_experts"], info["rank"], info["in_features"], info["out_features"]
+            )
+        )
     if set(expected) != set(tensors):
         diff = sorted(set(expected) ^ set(tensors))
         raise AdapterError(f"{weights}: tensor names differ from {cfg_path.name}: {diff[:5]}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise AdapterError(f"{weights}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
-    add_moe_lora(base_model, config, {n: info["num_experts"] for n, info in saved_modules.items()})
+    counts = {n: info["num_experts"] for n, info in saved_modules.items()}
+    if config.init == "pissa":  # build plain layers, then rebuild the residual from the saved factors
+        add_moe_lora(base_model, dataclasses.replace(config, init="zero_b"), counts)
+        base_model.moe_lora_config = config
+        for name, layer in iter_moe_lora_layers(base_model):
+            restore_pissa(layer, tensors[f"{name}.pissa_down"], tensors[f"{name}.pissa_up"])
+    else:
+        add_moe_lora(base_model, config, counts)
     params = adapter_state_dict(base_model)
     with torch.no_grad():
         for key, value in tensors.items():
-            params[key].copy_(value)
+            if not key.endswith((".pissa_down", ".pissa_up")):
+                params[key].copy_(value)
+    runtime = meta.get("runtime") or {}
+    for _, layer in iter_moe_lora_layers(base_model):
+        layer.scale_factor = float(runtime.get("scale_factor", 1.0))
+        layer.router_temperature = float(runtime.get("router_temperature", config.router_temperature))
     return base_model

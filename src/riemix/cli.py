@@ -4,6 +4,8 @@ riemix train                                  # the default job (SmolLM2-135M on
 riemix train --config configs/paper.yaml --lr 2e-5 --output-dir runs/x
 riemix train --output-dir runs/x --resume     # continue the latest checkpoint
 riemix eval --model smollm2-135m --adapter runs/x/adapter --dataset glue/sst2
+riemix inspect runs/x                         # routing/expert diagnostics: tables + plots
+riemix check-init smollm2-135m --init pissa   # does the adapter init change the model's outputs?
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from .train_config import DEFAULT_ADAPTER, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
+def _bool_text(text: str) -> bool:
+    """``true/false/yes/no/1/0`` -> bool (for adapter flags such as ``--expert-scales true``)."""
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # Adapter options exposed as top-level flags: flag name -> MoELoRAConfig field.
 ADAPTER_FLAGS = {
     "experts": ("num_experts", int),
@@ -30,6 +41,15 @@ ADAPTER_FLAGS = {
     "target_modules": ("target_modules", str),
     "routing": ("routing", str),
     "gate_grad_power": ("gate_grad_power", float),
+    "init": ("init", str),
+    "init_b_std": ("init_b_std", float),
+    "scale_warmup_steps": ("scale_warmup_steps", int),
+    "router_temperature": ("router_temperature", float),
+    "router_temperature_final": ("router_temperature_final", float),
+    "router_noise_std": ("router_noise_std", float),
+    "top_p": ("top_p", float),
+    "expert_scales": ("expert_scales", _bool_text),
+    "scale_anchor_beta": ("scale_anchor_beta", float),
 }
 
 
@@ -98,7 +118,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``riemix`` argument parser (subcommands ``train`` and ``eval``)."""
+    """The ``riemix`` argument parser (subcommands ``train``, ``eval``, ``inspect``, ...)."""
     parser = argparse.ArgumentParser(
         prog="riemix",
         description="MoE-LoRA fine-tuning with gate-rescaled Riemannian preconditioned optimizers.",
@@ -126,7 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--max-length", type=int, default=256)
     ev.add_argument("--output", help="write the metrics as JSON to this file")
+    ins = sub.add_parser(
+        "inspect",
+        help="routing / expert diagnostics of a run: tables and PNG plots",
+        description="Print per-layer routing entropy, usage, load CV, dead experts, expert similarity "
+        "and effective rank of a run directory, and write PNG plots (see docs/diagnostics.md).",
+    )
+    ins.add_argument("run_dir", help="run directory written by riemix train")
+    ins.add_argument("--out", help="directory for the plots (default: RUN_DIR/plots)")
+    ins.add_argument("--layer", help="layer for the similarity plot (default: the most collapsed)")
+    ins.add_argument("--threshold", type=float, default=0.8, help="similarity threshold (default: 0.8)")
+    ins.add_argument("--no-plots", action="store_true", help="print the tables only")
+    from .check_init import add_check_init_parser
+
+    add_check_init_parser(sub)
     return parser
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from .inspect_run import inspect_run
+
+    result = inspect_run(ns.run_dir, ns.out, ns.layer, ns.threshold, plots=not ns.no_plots)
+    print(result["text"])
+    for path in result["plots"]:
+        print(f"wrote {path}")
+    return 0
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -184,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if ns.command == "inspect":
+            return _inspect(ns)
+        if ns.command == "check-init":
+            from .check_init import run_check_init
+
+            return run_check_init(ns)
         return _train(ns) if ns.command == "train" else _eval(ns)
     except (ValueError, DataError, AdapterError, FileNotFoundError) as exc:
         print(f"riemix {ns.command}: error: {exc}", file=sys.stderr)

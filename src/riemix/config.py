@@ -16,9 +16,9 @@ from typing import Any
 __all__ = ["MoELoRAConfig", "ROUTING_MODES", "INIT_MODES"]
 
 #: Routing modes accepted by ``MoELoRAConfig.routing``.
-ROUTING_MODES = ("softmax_topk", "topk_softmax", "dense")
+ROUTING_MODES = ("softmax_topk", "topk_softmax", "dense", "top_p", "global")
 #: Initialisations accepted by ``MoELoRAConfig.init``.
-INIT_MODES = ("zero_b", "gaussian")
+INIT_MODES = ("zero_b", "gaussian", "orthogonal", "pissa", "small_b")
 
 ExpertCount = int | Sequence[int] | Callable[[int], int]
 
@@ -42,14 +42,35 @@ class MoELoRAConfig:
             ``model.layers.0.self_attn.q_proj``) or a single regex string matched with ``re.fullmatch``
             against the full module name.
         routing: ``"softmax_topk"`` (softmax over all E logits, keep the top-k, renormalise to sum 1),
-            ``"topk_softmax"`` (softmax over the top-k logits only) or ``"dense"`` (softmax over all E).
+            ``"topk_softmax"`` (softmax over the top-k logits only), ``"dense"`` (softmax over all E),
+            ``"top_p"`` (per token the smallest set of experts whose softmax mass is >= ``top_p``, at
+            least 1 and at most ``top_k``, renormalised) or ``"global"`` (an input-independent learned
+            gate per layer, gᵢ = E·softmax(w/T)ᵢ, so the mean gate is 1; no per-token router).
         gate_grad_power: Gate-rescaling power p in [0, 1]. The forward value is g·e; the gradient that
             reaches A, B and the input is weighted by stopgrad(g**p). p=1 is plain MoE-LoRA, p=0.5 the
             paper's sqrt trick, p=0 realises the paper's eq. (12) exactly (see docs/math.md).
         use_rslora: Use rank-stabilised scaling ``alpha / sqrt(rank)``.
-        init: Adapter initialisation: ``"zero_b"`` (Kaiming-uniform A, zero B) or ``"gaussian"``
-            (normal A with std ``1/rank``, zero B). Both leave the base model's outputs unchanged.
+        init: Adapter initialisation (see ``riemix.init``): ``"zero_b"`` (Kaiming-uniform A, zero B),
+            ``"gaussian"`` (normal A with std ``1/rank``, zero B), ``"orthogonal"`` (orthonormal A rows,
+            jointly across experts when E·r <= in_features, zero B), ``"pissa"`` (principal singular
+            directions of the base weight, which becomes the residual) or ``"small_b"`` (normal B with
+            std ``init_b_std``; pair it with ``scale_warmup_steps``). All but ``"small_b"`` leave the
+            base model's outputs unchanged at step 0.
         router_init_std: Standard deviation of the router's normal initialisation.
+        init_b_std: Standard deviation of B for ``init="small_b"`` (> 0).
+        scale_warmup_steps: The adapter scale ramps linearly from 0 to s over this many optimizer steps
+            (0: no warm-up). Not allowed with ``"pissa"`` (its start needs the full scale).
+        router_temperature: Router temperature T > 0: gates are a softmax of logits / T.
+        router_temperature_final: None (constant T) or the temperature reached at the last training step
+            by linear decay from ``router_temperature``.
+        router_noise_std: Std of Gaussian noise added to the router logits for the expert *selection* in
+            training mode (noisy top-k); gate values always use the clean logits. Only for the modes
+            that select (``softmax_topk``, ``topk_softmax``, ``top_p``).
+        top_p: Mass threshold of ``routing="top_p"``, in (0, 1].
+        expert_scales: Multiply each expert's output by a learned channel-wise vector ``(out,)``
+            initialised to 1 (any routing mode; the SOSLoRA design pairs it with ``"global"``).
+        scale_anchor_beta: Coefficient of the L2 pull of the expert scale vectors toward their initial
+            value 1 (``riemix.tuner.scale_anchor_loss``); needs ``expert_scales``.
     """
 
     num_experts: ExpertCount = 8
@@ -63,6 +84,14 @@ class MoELoRAConfig:
     use_rslora: bool = False
     init: str = "zero_b"
     router_init_std: float = 0.02
+    init_b_std: float = 1e-3
+    scale_warmup_steps: int = 0
+    router_temperature: float = 1.0
+    router_temperature_final: float | None = None
+    router_noise_std: float = 0.0
+    top_p: float = 1.0
+    expert_scales: bool = False
+    scale_anchor_beta: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_experts, bool):
@@ -80,7 +109,7 @@ class MoELoRAConfig:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
         min_e = self._static_min_experts()
-        if min_e is not None and self.routing != "dense" and self.top_k > min_e:
+        if min_e is not None and self.routing not in ("dense", "global") and self.top_k > min_e:
             raise ValueError(f"top_k must be in 1..num_experts ({min_e}), got {self.top_k}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
@@ -96,6 +125,7 @@ class MoELoRAConfig:
             raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
         if not self.router_init_std >= 0:
             raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std!r}")
+        self._check_variants()
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -108,6 +138,42 @@ class MoELoRAConfig:
                     f"target_modules must be a regex string or a non-empty list of names, "
                     f"got {self.target_modules!r}"
                 )
+
+    def _check_variants(self) -> None:
+        """Validate the initialisation, schedule and routing-variant fields."""
+        if not self.init_b_std > 0:
+            raise ValueError(f"init_b_std must be > 0, got {self.init_b_std!r}")
+        steps = self.scale_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"scale_warmup_steps must be an int >= 0, got {steps!r}")
+        if steps and self.init == "pissa":
+            raise ValueError(
+                f"scale_warmup_steps must be 0 with init='pissa' (its start needs the full scale), "
+                f"got {steps}"
+            )
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature!r}")
+        final = self.router_temperature_final
+        if final is not None and not final > 0:
+            raise ValueError(f"router_temperature_final must be > 0 or None, got {final!r}")
+        if not self.router_noise_std >= 0:
+            raise ValueError(f"router_noise_std must be >= 0, got {self.router_noise_std!r}")
+        if self.router_noise_std > 0 and self.routing in ("dense", "global"):
+            raise ValueError(
+                f"router_noise_std must be 0 with routing={self.routing!r} (nothing is selected), "
+                f"got {self.router_noise_std!r}"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.expert_scales, bool):
+            raise ValueError(f"expert_scales must be a bool, got {self.expert_scales!r}")
+        if not self.scale_anchor_beta >= 0:
+            raise ValueError(f"scale_anchor_beta must be >= 0, got {self.scale_anchor_beta!r}")
+        if self.scale_anchor_beta > 0 and not self.expert_scales:
+            raise ValueError(
+                f"scale_anchor_beta needs expert_scales=True, "
+                f"got scale_anchor_beta={self.scale_anchor_beta!r}"
+            )
 
     def _static_min_experts(self) -> int | None:
         if isinstance(self.num_experts, int):
@@ -139,7 +205,7 @@ class MoELoRAConfig:
         else:
             e = self.num_experts(idx)
             _check_experts(e, f"num_experts({idx})")
-        if self.routing != "dense" and self.top_k > e:
+        if self.routing not in ("dense", "global") and self.top_k > e:
             raise ValueError(f"top_k must be in 1..num_experts ({e}) for layer {idx}, got {self.top_k}")
         return int(e)
 

@@ -459,8 +459,9 @@ def build_optimizer(
     """Build an optimizer over the trainable parameters of a model adapted with MoE-LoRA layers.
 
     Param groups (empty ones omitted), each tagged with a ``"name"`` key:
-    ``lora_A`` (lr), ``lora_B`` (lr * loraplus_ratio), ``router`` (gate_lr, max_grad_norm =
-    gate_max_grad_norm) and ``other`` (lr). Weight decay is the same for every group, router included.
+    ``lora_A`` (lr), ``lora_B`` (lr * loraplus_ratio), ``router`` (router weights and ``global_gate``
+    logits; gate_lr, max_grad_norm = gate_max_grad_norm) and ``other`` (lr; e.g. expert scale
+    vectors). Weight decay is the same for every group, router included.
     A and B of a layer are paired (by identity) only when both are trainable; an unpaired factor gets
     the plain update.
 
@@ -514,8 +515,11 @@ def build_optimizer(
             has_a, has_b = take(module.lora_A, a_params), take(module.lora_B, b_params)
             if has_a and has_b:
                 pairs.append((module.lora_A, module.lora_B))
-            for p in module.router.parameters():
+            router = getattr(module, "router", None)
+            for p in router.parameters() if router is not None else ():
                 take(p, router_params)
+            if isinstance(getattr(module, "global_gate", None), nn.Parameter):
+                take(module.global_gate, router_params)  # routing="global": gate logits train like a router
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     spec = (
         ("lora_A", a_params, {"lr": lr}),

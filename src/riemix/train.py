@@ -28,13 +28,21 @@ from .adapter import save_adapter
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import MoELoRAConfig
 from .data import Dataset, load_dataset
+from .diagnostics import RoutingMonitor, collect_diagnostics, compact_diagnostics, expert_grad_norms
 from .evaluate import evaluate
 from .fileio import atomic_write_json, atomic_write_text
-from .losses import load_balancing_loss, router_z_loss
+from .losses import (
+    expert_diversity_loss,
+    inject_gradients,
+    load_balancing_loss,
+    orthogonality_loss,
+    router_z_loss,
+    uniform_prior_loss,
+)
 from .optim import build_optimizer
 from .tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train, pack_items
 from .train_config import TrainConfig
-from .tuner import add_moe_lora, iter_moe_lora_layers
+from .tuner import add_moe_lora, iter_moe_lora_layers, scale_anchor_loss, set_training_progress
 
 __all__ = ["train", "TrainConfig", "prepare", "linear_schedule"]
 
@@ -137,23 +145,66 @@ def _batch_at(items, index: int, cfg: TrainConfig, rank: int, world: int) -> lis
     return [items[i] for i in chosen[rank::world]]
 
 
-def _aux_loss(model, cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict]:
-    if not (cfg.load_balance_coef or cfg.z_loss_coef):
-        return None, {}
-    total, logs = 0.0, {"load_balance": 0.0, "z_loss": 0.0}
+#: Regularisers of router statistics / of the expert factors: (log name, TrainConfig coefficient).
+ROUTER_REGULARIZERS = (("load_balance", "load_balance_coef"), ("z_loss", "z_loss_coef"),
+                       ("uniform_prior", "uniform_prior_coef"))
+PARAM_REGULARIZERS = (("diversity", "diversity_coef"), ("orthogonality", "orthogonality_coef"))
+
+
+def _uses_router_regularizers(cfg: TrainConfig) -> bool:
+    return any(getattr(cfg, coef) for _, coef in ROUTER_REGULARIZERS)
+
+
+def _aux_terms(model, cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[list, list, dict]:
+    """Weighted regulariser terms, split into router-statistic and parameter ones, and their logs.
+
+    Each regulariser is averaged over the adapted layers; ``logs`` holds each one's unweighted mean.
+    """
     layers = [layer for _, layer in iter_moe_lora_layers(model)]
+    router_terms, param_terms, logs = [], [], {}
     for layer in layers:
-        logits = layer.last_router_logits
-        m = mask if mask is not None and mask.numel() == logits.shape[0] else None
-        if cfg.load_balance_coef:
-            lb = load_balancing_loss(logits, layer.top_k, layer.routing, m)
-            total = total + cfg.load_balance_coef * lb / len(layers)
-            logs["load_balance"] += lb.item() / len(layers)
-        if cfg.z_loss_coef:
-            z = router_z_loss(logits, m)
-            total = total + cfg.z_loss_coef * z / len(layers)
-            logs["z_loss"] += z.item() / len(layers)
-    return total, logs
+        values = {}
+        if _uses_router_regularizers(cfg):
+            logits = layer.last_router_logits  # (N, E)
+            m = mask if mask is not None and mask.numel() == logits.shape[0] else None
+            if cfg.load_balance_coef:
+                values["load_balance"] = load_balancing_loss(logits, layer.top_k, layer.routing, m)
+            if cfg.z_loss_coef:
+                values["z_loss"] = router_z_loss(logits, m)
+            if cfg.uniform_prior_coef:
+                values["uniform_prior"] = uniform_prior_loss(logits, m)
+        if cfg.diversity_coef:
+            values["diversity"] = expert_diversity_loss(layer.lora_A, layer.lora_B)
+        if cfg.orthogonality_coef:
+            values["orthogonality"] = orthogonality_loss(layer.lora_A)
+        for kind, terms in ((ROUTER_REGULARIZERS, router_terms), (PARAM_REGULARIZERS, param_terms)):
+            for name, coef in kind:
+                if name in values:
+                    terms.append(getattr(cfg, coef) * values[name] / len(layers))
+                    logs[name] = logs.get(name, 0.0) + values[name].item() / len(layers)
+    return router_terms, param_terms, logs
+
+
+def _aux_loss(model, cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict]:
+    """Regulariser loss to add to the task loss (``regularizer_mode="loss"``), and the per-term logs.
+
+    In ``"inject"`` mode the gradients are added to ``.grad`` here (router-statistic terms w.r.t. the
+    routers only, parameter terms w.r.t. A and B only; see docs/math.md, "Regularisers") and None is returned;
+    the graph is retained for the task loss's backward.
+    """
+    router_terms, param_terms, logs = _aux_terms(model, cfg, mask)
+    if not (router_terms or param_terms):
+        return None, logs
+    if cfg.regularizer_mode == "loss":
+        return sum(router_terms + param_terms), logs
+    layers = [layer for _, layer in iter_moe_lora_layers(model)]
+    if router_terms:
+        routers = [layer.router.weight for layer in layers]
+        inject_gradients(sum(router_terms) / cfg.grad_accum, routers, retain_graph=True)
+    if param_terms:
+        factors = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        inject_gradients(sum(param_terms) / cfg.grad_accum, factors)
+    return None, logs
 
 
 def _format_table(before: dict, after: dict) -> str:
@@ -208,7 +259,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     task_model, opt_p = accel.prepare(task_model, opt)
     device = accel.device
     autocast = torch.bfloat16 if cfg.bf16 else None
-    if cfg.load_balance_coef or cfg.z_loss_coef:
+    monitor = RoutingMonitor() if cfg.diagnostics_every else None
+    if _uses_router_regularizers(cfg) or monitor is not None:
         for _, layer in iter_moe_lora_layers(model):
             layer.record_routing = True
 
@@ -241,8 +293,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         with open(metrics_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
         if writer is not None:
-            flat = {**{k: v for k, v in entry.items() if k not in ("step", "eval")}, **{
+            flat = {**{k: v for k, v in entry.items() if k not in ("step", "eval", "diagnostics")}, **{
                 f"eval/{k}": v for k, v in entry.get("eval", {}).items()}}
+            overall = entry.get("diagnostics", {}).get("overall", {})
+            flat.update({f"diagnostics/{k}": v for k, v in overall.items() if isinstance(v, (int, float))})
             for key, value in flat.items():
                 writer.add_scalar(key, value, entry["step"])
 
@@ -258,6 +312,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     task_model.train()
     tokens_seen, padded_seen, train_time, stop, last_eval = 0, 0, 0.0, False, None
     done = start_step
+    set_training_progress(model, start_step, cfg.max_steps)  # scale warm-up / temperature: f(step)
     for step in range(start_step, cfg.max_steps):
         t_step = time.time()
         loss_sum, aux_logs = 0.0, {}
@@ -277,16 +332,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             sync = micro == cfg.grad_accum - 1
             with accel.no_sync(task_model) if not sync else contextlib.nullcontext():
                 loss = task_model(batch)
+                if monitor is not None:
+                    monitor.update_model(iter_moe_lora_layers(model), batch["attention_mask"])
                 aux, aux_logs = _aux_loss(model, cfg, batch["attention_mask"])
                 total = loss if aux is None else loss + aux
+                anchor = scale_anchor_loss(model)  # adapter.scale_anchor_beta > 0 with expert scales
+                total = total if anchor is None else total + anchor
                 accel.backward(total / cfg.grad_accum)
             loss_sum += loss.item() / cfg.grad_accum
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}; lower the learning rate")
+        diag_due = monitor is not None and (step + 1) % cfg.diagnostics_every == 0
+        grad_norms = None
+        if diag_due:  # before the step: the optimizer may clear or reuse .grad
+            grad_norms = {n: expert_grad_norms(m.lora_A, m.lora_B) for n, m in iter_moe_lora_layers(model)}
         opt_p.step()
         sched.step()
         opt_p.zero_grad(set_to_none=True)
         done = step + 1
+        set_training_progress(model, done, cfg.max_steps)
         train_time += time.time() - t_step
         elapsed = train_time
         lr_now = sched.get_last_lr()[0]
@@ -306,6 +370,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
                     **aux_logs,
                 }
             )
+        if diag_due:
+            diag = collect_diagnostics(iter_moe_lora_layers(model), monitor, grad_norms, done)
+            monitor.reset()
+            record({"step": done, "diagnostics": compact_diagnostics(diag)})
+            if is_main:
+                atomic_write_json(out / "diagnostics.json", diag)
         want_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps
         if want_eval:
             last_eval = run_eval()

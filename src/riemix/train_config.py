@@ -66,6 +66,11 @@ class TrainConfig:
     early_stopping_patience: int = 0
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
+    uniform_prior_coef: float = 0.0
+    diversity_coef: float = 0.0
+    orthogonality_coef: float = 0.0
+    regularizer_mode: str = "loss"
+    diagnostics_every: int = 0
     seed: int = 0
     output_dir: str = "runs/default"
     save_every: int = 0
@@ -87,6 +92,8 @@ class TrainConfig:
             bad("model_kind", self.model_kind, "'causal_lm' or 'sequence_classification'")
         if self.format not in ("cloze", "letter"):
             bad("format", self.format, "'cloze' or 'letter'")
+        if self.regularizer_mode not in ("loss", "inject"):
+            bad("regularizer_mode", self.regularizer_mode, "'loss' or 'inject'")
         if self.schedule not in ("linear", "constant"):
             bad("schedule", self.schedule, "'linear' or 'constant'")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every"):
@@ -99,6 +106,7 @@ class TrainConfig:
             "save_every",
             "early_stopping_patience",
             "seed",
+            "diagnostics_every",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, getattr(self, name), "an int >= 0")
@@ -106,7 +114,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, value, "an int >= 1 or null")
-        for name in ("lr", "reg", "weight_decay", "load_balance_coef", "z_loss_coef"):
+        for name in (
+            "lr",
+            "reg",
+            "weight_decay",
+            "load_balance_coef",
+            "z_loss_coef",
+            "uniform_prior_coef",
+            "diversity_coef",
+            "orthogonality_coef",
+        ):
             if not getattr(self, name) >= 0:
                 bad(name, getattr(self, name), ">= 0")
         if self.gate_lr is not None and not self.gate_lr >= 0:

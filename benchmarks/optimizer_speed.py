@@ -1,0 +1,138 @@
+"""Time of one optimizer step on the same set of MoE-LoRA (A, B) pairs, side by side.
+
+SmolLM2-135M-shaped MoE-LoRA: 30 blocks x 4 attention projections = 120 adapted layers of width 576 with
+E experts of rank r (default E=20, r=4: 2,400 expert pairs, 11.1M adapter parameters, plus routers).
+
+Candidates (interleaved, median of N steps; gradients are fixed random tensors):
+
+- ``torch_adamw`` / ``torch_sgd``: ``torch.optim.AdamW`` / ``SGD`` with ``foreach=True`` (no preconditioning);
+- ``riemix_radamw`` / ``riemix_rsgd``: ``RiemannianAdamW`` / ``RiemannianSGD`` (batched preconditioning);
+- ``peft_riemannian_adamw``: PEFT's ``create_riemannian_optimizer(model, torch.optim.AdamW)`` on a PEFT
+  model holding the same number of rank-r LoRA pairs (one 2-D pair per expert; PEFT has no MoE layout).
+
+    python benchmarks/optimizer_speed.py           # full size
+    python benchmarks/optimizer_speed.py --quick   # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from riemix.optim import RiemannianAdamW, RiemannianSGD
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_params(layers: int, experts: int, rank: int, width: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a = [nn.Parameter(torch.randn(experts, rank, width, generator=g) * 0.02) for _ in range(layers)]
+    b = [nn.Parameter(torch.randn(experts, width, rank, generator=g) * 0.02) for _ in range(layers)]
+    r = [nn.Parameter(torch.randn(experts, width, generator=g) * 0.02) for _ in range(layers)]
+    for p in a + b + r:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    return a, b, r
+
+
+def make_peft(layers: int, experts: int, rank: int, width: int):
+    """A PEFT model with layers*experts rank-r LoRA pairs on width x width Linears (same shapes per pair)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_riemannian_optimizer
+
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers * experts))
+    holder.forward = lambda x: x
+    model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=16, target_modules=["blocks." + str(i) for i in
+                                                                                      range(layers * experts)]))
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    # PEFT's preconditioner overwrites .grad in place each step; re-randomising is not needed for timing.
+    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=1e-4, reg=1e-6, foreach=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=120)
+    parser.add_argument("--experts", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--width", type=int, default=576)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT candidate")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.experts, args.repeats = 8, 4, 3
+    L, E, r, d = args.layers, args.experts, args.rank, args.width
+    cands = {}
+    a, b, rt = make_params(L, E, r, d)
+    cands["torch_adamw"] = torch.optim.AdamW(a + b + rt, lr=1e-4, weight_decay=0.0, foreach=True)
+    a, b, rt = make_params(L, E, r, d)
+    cands["riemix_radamw"] = RiemannianAdamW(
+        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}], lr=1e-4, lora_pairs=list(zip(a, b))
+    )
+    a, b, rt = make_params(L, E, r, d)
+    cands["torch_sgd"] = torch.optim.SGD(a + b + rt, lr=1e-4, momentum=0.9, foreach=True)
+    a, b, rt = make_params(L, E, r, d)
+    cands["riemix_rsgd"] = RiemannianSGD(
+        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}], lr=1e-4, momentum=0.9,
+        lora_pairs=list(zip(a, b)),
+    )
+    if not args.no_peft:
+        try:
+            cands["peft_riemannian_adamw"] = make_peft(L, E, r, d)
+        except ImportError:
+            print("peft not installed: skipping its Riemannian optimizer (pip install peft)")
+    names = list(cands)
+    for name in names:
+        for _ in range(2):
+            cands[name].step()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            t0 = time.perf_counter()
+            cands[name].step()
+            times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    ratios = {
+        "riemix_radamw_over_torch_adamw": med["riemix_radamw"] / med["torch_adamw"],
+        "riemix_rsgd_over_torch_sgd": med["riemix_rsgd"] / med["torch_sgd"],
+    }
+    if "peft_riemannian_adamw" in med:
+        ratios["peft_riemannian_adamw_over_riemix_radamw"] = med["peft_riemannian_adamw"] / med["riemix_radamw"]
+    n_params = L * E * r * d * 2
+    print(f"optimizer step: {L} layers x E={E} experts x rank {r}, width {d} ({n_params / 1e6:.1f}M A/B params "
+          f"+ routers), fp32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'candidate':<24} {'ms/step':>9}")
+    for name in names:
+        print(f"{name:<24} {1e3 * med[name]:9.1f}")
+    for key, value in ratios.items():
+        print(f"{key:<42} {value:6.2f}")
+    print("target: riemix_radamw_over_torch_adamw <= 1.5 "
+          f"({'met' if ratios['riemix_radamw_over_torch_adamw'] <= 1.5 else 'NOT met'})")
+    record = {
+        "benchmark": "optimizer_speed",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "args": vars(args),
+        "median_seconds": med,
+        "all_seconds": times,
+        "ratios": ratios,
+    }
+    out = RESULTS / f"optimizer_speed{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

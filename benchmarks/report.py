@@ -1,0 +1,156 @@
+"""Render ``docs/benchmarks.md`` (tables) and ``docs/img/*.png`` (plots) from ``benchmarks/results/*.json``.
+
+Every number in the document comes from a committed JSON file, so the docs can be checked against them.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _bar(path: Path, labels: list[str], values: list[float], title: str, xlabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(labels)))
+    ax.barh(labels, values, color="#4c72b0")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3g}", va="center")
+    ax.invert_yaxis()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine(rec: dict) -> str:
+    m = rec["machine"]
+    return f"{rec['date'][:10]}, {m['platform']}, {m['cpu_threads']} threads, torch {m['torch']}"
+
+
+def layer_section(rec: dict) -> list[str]:
+    a, med = rec["args"], rec["median_seconds"]
+    lines = [
+        "## Layer: forward + backward of one MoE-LoRA layer",
+        "",
+        f"`benchmarks/layer_speed.py`: E={a['experts']}, top-k={a['top_k']}, r={a['rank']}, "
+        f"in=out={a['width']}, {a['tokens']} tokens, {a['dtype']}, median of {a['repeats']} interleaved repeats "
+        f"({_machine(rec)}).",
+        "",
+        "| candidate | ms | vs frozen base |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {n} | {1e3 * t:.1f} | {t / med['base']:.2f}x |" for n, t in med.items()]
+    lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
+    targets = {"riemix_over_base": "<= 1.3", "loop_over_riemix": ">= 8", "riemix_over_peft_lora": "<= 1.1"}
+    lines += [f"| {k} | {v:.2f} | {targets.get(k, '')} |" for k, v in rec["ratios"].items()]
+    _bar(IMG / "layer_speed.png", list(med), [1e3 * t for t in med.values()], "MoE-LoRA layer fwd+bwd", "ms")
+    return lines + ["", "![layer speed](img/layer_speed.png)", ""]
+
+
+def optimizer_section(rec: dict) -> list[str]:
+    a, med = rec["args"], rec["median_seconds"]
+    lines = [
+        "## Optimizer step",
+        "",
+        f"`benchmarks/optimizer_speed.py`: {a['layers']} layers x E={a['experts']} experts x rank {a['rank']}, "
+        f"width {a['width']}, plus routers (clipped), fp32, median of {a['repeats']} ({_machine(rec)}).",
+        "",
+        "| candidate | ms/step |",
+        "|---|---:|",
+    ]
+    lines += [f"| {n} | {1e3 * t:.1f} |" for n, t in med.items()]
+    lines += ["", "| ratio | measured |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rec["ratios"].items()]
+    _bar(IMG / "optimizer_speed.png", list(med), [1e3 * t for t in med.values()], "Optimizer step", "ms")
+    return lines + ["", "Target: RiemannianAdamW <= 1.5x torch AdamW (foreach).", "",
+                    "![optimizer speed](img/optimizer_speed.png)", ""]
+
+
+def e2e_section(rec: dict) -> list[str]:
+    tps, mem = rec["tokens_per_s"], rec.get("memory", {})
+    lines = [
+        "## End-to-end training throughput (SmolLM2-135M)",
+        "",
+        f"`benchmarks/e2e_throughput.py`: ARC-Easy cloze batches of {rec['args']['batch_size']}, "
+        f"{rec['args']['steps']} interleaved timed steps per candidate ({_machine(rec)}).",
+        "",
+        "| candidate | tokens/s | vs PEFT LoRA r=16 | peak RSS growth (MiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for n, v in tps.items():
+        m = mem.get(n, {}).get("peak_rss_growth_mib")
+        lines.append(f"| {n} | {v:.0f} | {v / tps['peft_lora_r16']:.2f} | {'' if m is None else f'{m:.0f}'} |")
+    lines += ["", f"MixLoRA: {rec['mixlora']}", "", "Target: riemix 20/10/4 >= 0.85x PEFT LoRA r=16 tokens/s.", ""]
+    _bar(IMG / "e2e_throughput.png", list(tps), list(tps.values()), "Training throughput", "tokens/s")
+    return lines + ["![throughput](img/e2e_throughput.png)", ""]
+
+
+def default_job_section(rec: dict) -> list[str]:
+    res = rec["results"]
+    lines = [
+        "## The default job against PEFT LoRA (SST-2 dev, 872 sentences)",
+        "",
+        f"`benchmarks/default_job_vs_peft.py`: SmolLM2-135M-Instruct, {rec['steps']} steps of batch 16, "
+        f"same batches, prompt and evaluation ({_machine(rec)}).",
+        "",
+        "| candidate | dev accuracy | train seconds |",
+        "|---|---:|---:|",
+    ]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} |")
+    if "riemix_default_job" in res:
+        r = res["riemix_default_job"]
+        lines += ["", f"Zero-shot accuracy {r['zero_shot_accuracy']:.4f}; whole default job (load, zero-shot eval, "
+                      f"training, final eval, checkpoint) {r['wall_seconds']:.0f} s."]
+    return lines + [""]
+
+
+def tune_section(rec: dict) -> list[str]:
+    lines = [
+        "## Learning rate of the default job",
+        "",
+        "`benchmarks/tune_default_job.py`: trained on 90% of the packaged SST-2 train subset, scored on 400 "
+        "held-out *train* sentences (never on dev).",
+        "",
+        "| lr | held-out accuracy | train seconds |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['lr']:.0e} | {r['heldout_accuracy']:.4f} | {r['train_seconds']:.0f} |" for r in rec["runs"]]
+    return lines + [""]
+
+
+def main() -> None:
+    out = ["# Benchmarks", "", "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`.",
+           "All timings are medians of interleaved runs on a shared, noisy 2-core CPU machine; compare ratios "
+           "within one run, not absolute numbers across runs.", ""]
+    sections = [("default_job_vs_peft.json", default_job_section), ("tune_default_job.json", tune_section),
+                ("layer_speed_float32.json", layer_section), ("optimizer_speed.json", optimizer_section),
+                ("e2e_throughput.json", e2e_section)]
+    for name, fn in sections:
+        rec = _load(name)
+        if rec is not None:
+            out += fn(rec)
+    DOC.write_text("\n".join(out) + "\n")
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
