@@ -50,8 +50,14 @@ def run_variant(name: str, extra: dict, args: argparse.Namespace, root: Path) ->
             "verbose": False,
             "seed": args.seed,
             "output_dir": str(root / name),
-            "adapter": {"num_experts": args.experts, "top_k": args.top_k, "rank": 4, "alpha": 16.0,
-                        "target_modules": ["q_proj", "v_proj"], "gate_grad_power": 0.5},
+            "adapter": {
+                "num_experts": args.experts,
+                "top_k": args.top_k,
+                "rank": 4,
+                "alpha": 16.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "gate_grad_power": 0.5,
+            },
             **extra,
         }
     )
@@ -115,20 +121,34 @@ def main() -> None:
             brief = {k: v for k, v in rows[-1].items() if k != "usage_entropy_by_window"}
             print(json.dumps(brief), flush=True)
     log_e = math.log(args.experts)
-    print(f"\n{'variant':<14} {'dev acc':>8} {'gate H':>7} {'usage H':>8} {'min layer':>9} {'(log E)':>7} "
-          f"{'load CV':>8} {'dead':>9} {'s':>5}")
+    print(
+        f"\n{'variant':<14} {'dev acc':>8} {'gate H':>7} {'usage H':>8} {'min layer':>9} {'(log E)':>7} "
+        f"{'load CV':>8} {'dead':>9} {'s':>5}"
+    )
     for r in rows:
         acc = f"{r['dev_accuracy']:.4f}" if r["dev_accuracy"] is not None else "-"
-        print(f"{r['variant']:<14} {acc:>8} {r['gate_entropy']:7.3f} {r['usage_entropy']:8.3f} "
-              f"{r['usage_entropy_min_layer']:9.3f} {log_e:7.3f} {r['load_cv']:8.3f} "
-              f"{r['dead_experts']:>4}/{r['experts']:<4} {r['seconds']:5.0f}")
+        print(
+            f"{r['variant']:<14} {acc:>8} {r['gate_entropy']:7.3f} {r['usage_entropy']:8.3f} "
+            f"{r['usage_entropy_min_layer']:9.3f} {log_e:7.3f} {r['load_cv']:8.3f} "
+            f"{r['dead_experts']:>4}/{r['experts']:<4} {r['seconds']:5.0f}"
+        )
     default = "balance_evidence_quick.json" if args.quick else "balance_evidence.json"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / default
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k not in ("runs_dir", "out", "variants")}
-    out.write_text(json.dumps({"setup": setup, "note": "last diagnostics window; usage H = entropy of the "
-                               "mean gate, gate H = mean per-token gate entropy; dead = never selected in "
-                               "the last window", "runs": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "setup": setup,
+                "note": "last diagnostics window; usage H = entropy of the "
+                "mean gate, gate H = mean per-token gate entropy; dead = never selected in "
+                "the last window",
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

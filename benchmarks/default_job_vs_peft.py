@@ -35,8 +35,13 @@ def run_riemix(steps: int) -> dict:
         t0 = time.time()
         summary = train(TrainConfig(output_dir=tmp, max_steps=steps, progress=False))
         wall = time.time() - t0
-    return {"zero_shot_accuracy": summary["before"]["accuracy"], "accuracy": summary["after"]["accuracy"],
-            "wall_seconds": wall, "train_seconds": summary["train_seconds"], "tokens_per_s": summary["tokens_per_s"]}
+    return {
+        "zero_shot_accuracy": summary["before"]["accuracy"],
+        "accuracy": summary["after"]["accuracy"],
+        "wall_seconds": wall,
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+    }
 
 
 def run_peft(steps: int, lr: float) -> dict:
@@ -53,8 +58,12 @@ def run_peft(steps: int, lr: float) -> dict:
     model, tok = load_model(cfg.model)
     train_ds, dev = load_dataset(cfg.dataset, "train"), load_dataset(cfg.dataset, "dev")
     spec = TaskSpec.for_dataset(train_ds, "causal_lm")
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+    )
     model = peft_model.base_model.model
     task_model = TaskModel(model, "causal_lm")
     items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
@@ -70,11 +79,18 @@ def run_peft(steps: int, lr: float) -> dict:
         opt.zero_grad(set_to_none=True)
     train_s = time.time() - t_train
     acc = evaluate(task_model, dev, spec, tok, cfg.eval_batch_size)["accuracy"]
-    return {"accuracy": acc, "wall_seconds_without_zero_shot": time.time() - t0, "train_seconds": train_s, "lr": lr}
+    return {
+        "accuracy": acc,
+        "wall_seconds_without_zero_shot": time.time() - t0,
+        "train_seconds": train_s,
+        "lr": lr,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--peft-lr", type=float, default=2e-4)
     parser.add_argument("--only", choices=["riemix", "peft"])
@@ -86,20 +102,28 @@ def main() -> None:
     if args.only in (None, "peft"):
         rows["peft_lora_r16_adamw"] = run_peft(args.steps, args.peft_lr)
         print(json.dumps(rows["peft_lora_r16_adamw"]), flush=True)
-    print(f"\nSST-2 dev (872), SmolLM2-135M-Instruct, {args.steps} steps x batch 16, {torch.get_num_threads()} threads")
+    print(
+        f"\nSST-2 dev (872), SmolLM2-135M-Instruct, {args.steps} steps x batch 16, {torch.get_num_threads()} threads"
+    )
     print(f"{'candidate':<22} {'accuracy':>9} {'train s':>8}")
     for name, r in rows.items():
         print(f"{name:<22} {r['accuracy']:9.4f} {r['train_seconds']:8.0f}")
     if "riemix_default_job" in rows:
         r = rows["riemix_default_job"]
-        print(f"zero-shot {r['zero_shot_accuracy']:.4f}; riemix default job wall time {r['wall_seconds']:.0f} s")
+        print(
+            f"zero-shot {r['zero_shot_accuracy']:.4f}; riemix default job wall time {r['wall_seconds']:.0f} s"
+        )
     out = RESULTS / "default_job_vs_peft.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() and args.only else {}
     record = {
         "benchmark": "default_job_vs_peft",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "steps": args.steps,
         "results": {**previous.get("results", {}), **rows},
     }

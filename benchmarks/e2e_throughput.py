@@ -52,7 +52,9 @@ def build(name: str):
     elif name == "peft_lora_r16":
         from peft import LoraConfig, get_peft_model
 
-        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        )
         model = peft_model.base_model.model  # the same modules, now with LoRA layers
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     else:
@@ -100,7 +102,9 @@ def try_mixlora() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true")
@@ -130,27 +134,41 @@ def main() -> None:
     memory = {}
     if not args.no_memory:
         for name in CANDIDATES:
-            out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True
+            )
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             memory[name] = json.loads(lines[-1]) if lines else {"error": out.stderr[-500:]}
-    ratios = {"riemix_20_10_4_over_peft_lora_r16": tps["riemix_20_10_4"] / tps["peft_lora_r16"],
-              "riemix_8_2_4_over_peft_lora_r16": tps["riemix_8_2_4"] / tps["peft_lora_r16"]}
-    print(f"SmolLM2-135M training steps, ARC-Easy cloze batches of {args.batch_size} "
-          f"({timed_tokens / len(tokens[1:]):.0f} tokens/batch), {args.steps} timed steps each, "
-          f"{torch.get_num_threads()} threads")
+    ratios = {
+        "riemix_20_10_4_over_peft_lora_r16": tps["riemix_20_10_4"] / tps["peft_lora_r16"],
+        "riemix_8_2_4_over_peft_lora_r16": tps["riemix_8_2_4"] / tps["peft_lora_r16"],
+    }
+    print(
+        f"SmolLM2-135M training steps, ARC-Easy cloze batches of {args.batch_size} "
+        f"({timed_tokens / len(tokens[1:]):.0f} tokens/batch), {args.steps} timed steps each, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'candidate':<18} {'tokens/s':>9} {'s/step':>8} {'vs PEFT':>8} {'peak RSS +MiB':>14}")
     for name in CANDIDATES:
         mem = memory.get(name, {}).get("peak_rss_growth_mib")
-        print(f"{name:<18} {tps[name]:9.0f} {statistics.median(times[name]):8.2f} "
-              f"{tps[name] / tps['peft_lora_r16']:8.2f} {mem if mem is None else f'{mem:14.0f}'}")
+        print(
+            f"{name:<18} {tps[name]:9.0f} {statistics.median(times[name]):8.2f} "
+            f"{tps[name] / tps['peft_lora_r16']:8.2f} {mem if mem is None else f'{mem:14.0f}'}"
+        )
     mixlora = try_mixlora()
     print(f"mixlora: {mixlora}")
-    print(f"target riemix_20_10_4 >= 0.85x PEFT LoRA r=16 tokens/s: {ratios['riemix_20_10_4_over_peft_lora_r16']:.2f} "
-          f"({'met' if ratios['riemix_20_10_4_over_peft_lora_r16'] >= 0.85 else 'NOT met'})")
+    print(
+        f"target riemix_20_10_4 >= 0.85x PEFT LoRA r=16 tokens/s: {ratios['riemix_20_10_4_over_peft_lora_r16']:.2f} "
+        f"({'met' if ratios['riemix_20_10_4_over_peft_lora_r16'] >= 0.85 else 'NOT met'})"
+    )
     record = {
         "benchmark": "e2e_throughput",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "args": vars(args),
         "tokens_per_s": tps,
         "step_seconds": times,

@@ -50,8 +50,12 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
     holder = nn.Module()
     holder.blocks = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers * experts))
     holder.forward = lambda x: x
-    model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=16, target_modules=["blocks." + str(i) for i in
-                                                                                      range(layers * experts)]))
+    model = get_peft_model(
+        holder,
+        LoraConfig(
+            r=rank, lora_alpha=16, target_modules=["blocks." + str(i) for i in range(layers * experts)]
+        ),
+    )
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():
         if p.requires_grad:
@@ -61,7 +65,9 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=120)
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--rank", type=int, default=4)
@@ -78,14 +84,18 @@ def main() -> None:
     cands["torch_adamw"] = torch.optim.AdamW(a + b + rt, lr=1e-4, weight_decay=0.0, foreach=True)
     a, b, rt = make_params(L, E, r, d)
     cands["riemix_radamw"] = RiemannianAdamW(
-        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}], lr=1e-4, lora_pairs=list(zip(a, b))
+        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
+        lr=1e-4,
+        lora_pairs=list(zip(a, b, strict=True)),
     )
     a, b, rt = make_params(L, E, r, d)
     cands["torch_sgd"] = torch.optim.SGD(a + b + rt, lr=1e-4, momentum=0.9, foreach=True)
     a, b, rt = make_params(L, E, r, d)
     cands["riemix_rsgd"] = RiemannianSGD(
-        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}], lr=1e-4, momentum=0.9,
-        lora_pairs=list(zip(a, b)),
+        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
+        lr=1e-4,
+        momentum=0.9,
+        lora_pairs=list(zip(a, b, strict=True)),
     )
     if not args.no_peft:
         try:
@@ -108,21 +118,31 @@ def main() -> None:
         "riemix_rsgd_over_torch_sgd": med["riemix_rsgd"] / med["torch_sgd"],
     }
     if "peft_riemannian_adamw" in med:
-        ratios["peft_riemannian_adamw_over_riemix_radamw"] = med["peft_riemannian_adamw"] / med["riemix_radamw"]
+        ratios["peft_riemannian_adamw_over_riemix_radamw"] = (
+            med["peft_riemannian_adamw"] / med["riemix_radamw"]
+        )
     n_params = L * E * r * d * 2
-    print(f"optimizer step: {L} layers x E={E} experts x rank {r}, width {d} ({n_params / 1e6:.1f}M A/B params "
-          f"+ routers), fp32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"optimizer step: {L} layers x E={E} experts x rank {r}, width {d} ({n_params / 1e6:.1f}M A/B params "
+        f"+ routers), fp32, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"{'candidate':<24} {'ms/step':>9}")
     for name in names:
         print(f"{name:<24} {1e3 * med[name]:9.1f}")
     for key, value in ratios.items():
         print(f"{key:<42} {value:6.2f}")
-    print("target: riemix_radamw_over_torch_adamw <= 1.5 "
-          f"({'met' if ratios['riemix_radamw_over_torch_adamw'] <= 1.5 else 'NOT met'})")
+    print(
+        "target: riemix_radamw_over_torch_adamw <= 1.5 "
+        f"({'met' if ratios['riemix_radamw_over_torch_adamw'] <= 1.5 else 'NOT met'})"
+    )
     record = {
         "benchmark": "optimizer_speed",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "args": vars(args),
         "median_seconds": med,
         "all_seconds": times,

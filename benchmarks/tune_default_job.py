@@ -14,6 +14,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from riemix.config import MoELoRAConfig
 from riemix.data import load_dataset
 from riemix.evaluate import evaluate
 from riemix.models import load_model
@@ -21,9 +24,6 @@ from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
 from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
 from riemix.tuner import add_moe_lora
-from riemix.config import MoELoRAConfig
-
-import torch
 
 
 def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
@@ -33,7 +33,9 @@ def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
     add_moe_lora(model, MoELoRAConfig(**cfg.adapter))
     tm = TaskModel(model, "causal_lm")
     items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
-    opt = build_optimizer(model, cfg.optimizer, lr=lr, gate_lr=cfg.gate_lr, gate_max_grad_norm=cfg.gate_max_grad_norm)
+    opt = build_optimizer(
+        model, cfg.optimizer, lr=lr, gate_lr=cfg.gate_lr, gate_max_grad_norm=cfg.gate_max_grad_norm
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, cfg.max_steps))
     t0 = time.time()
     tm.train()
@@ -50,7 +52,9 @@ def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()
@@ -67,8 +71,19 @@ def main() -> None:
         print(f"{r['lr']:8.0e} {r['heldout_accuracy']:13.4f} {r['train_seconds']:8.0f}")
     out = Path(__file__).parent / "results" / "tune_default_job.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"adapter": cfg.adapter, "optimizer": cfg.optimizer, "steps": args.steps,
-                               "batch_size": cfg.batch_size, "runs": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "adapter": cfg.adapter,
+                "optimizer": cfg.optimizer,
+                "steps": args.steps,
+                "batch_size": cfg.batch_size,
+                "runs": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -37,21 +37,20 @@ def predict(
     was_training = task_model.training
     task_model.eval()
     device = torch.device(device)
-    preds: list = []
+    preds: list = [None] * len(dataset)
     total_nll, total_tokens = 0.0, 0
     try:
-        for kind, batch, _ in eval_batches(dataset, spec, tokenizer, batch_size):
+        for kind, batch, idx in eval_batches(dataset, spec, tokenizer, batch_size):
             batch = _to(batch, device)
             with torch.autocast(
                 device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
             ):
+                batch_preds: list = []
                 if kind == "choice":
-                    preds += task_model(batch, mode="choice").argmax(-1).tolist()
+                    batch_preds = task_model(batch, mode="choice").argmax(-1).tolist()
                 elif kind == "encoder":
                     logits = task_model(batch, mode="logits").float()  # (B, C)
-                    preds += (
-                        logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
-                    )
+                    batch_preds = logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
                 elif kind == "cloze":
                     lp = task_model(batch, mode="token_logprobs").float()  # (P,)
                     rows = batch["input_ids"].shape[0]
@@ -62,12 +61,14 @@ def predict(
                     scores = (sums / counts).tolist()
                     start = 0
                     for n in batch["num_choices"].tolist():
-                        preds.append(int(np.argmax(scores[start : start + n])))
+                        batch_preds.append(int(np.argmax(scores[start : start + n])))
                         start += n
                 else:  # sft
                     lp = task_model(batch, mode="token_logprobs").float()
                     total_nll -= lp.sum().item()
                     total_tokens += lp.numel()
+                for j, pred in zip(idx, batch_preds, strict=kind != "sft"):
+                    preds[j] = pred
     finally:
         task_model.train(was_training)
     if dataset.task == "sft":

@@ -163,7 +163,9 @@ def encode_train(ex, spec: TaskSpec, tokenizer) -> LMItem:
             ids = _ids(tokenizer, ex.completion, True) + eos
             return _fit(ids[:1], ids[1:], spec.max_length)
         completion = ex.completion if ex.completion[:1].isspace() else " " + ex.completion
-        return _fit(_ids(tokenizer, ex.prompt, True), _ids(tokenizer, completion, False) + eos, spec.max_length)
+        return _fit(
+            _ids(tokenizer, ex.prompt, True), _ids(tokenizer, completion, False) + eos, spec.max_length
+        )
     raise TypeError(f"cannot encode {type(ex).__name__} for a causal LM")
 
 
@@ -234,60 +236,64 @@ def collate_encoder(
     return batch
 
 
-def eval_batches(dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int):
-    """Yield ``(kind, batch, n_examples)`` scoring batches covering ``dataset`` in order.
+def _by_length(lengths: list[int]) -> list[int]:
+    """Example indices sorted by length (stable): batches of similar length waste little padding."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
 
-    ``kind`` is ``"choice"`` (one answer position, candidate token ids in ``batch["candidates"]``),
-    ``"cloze"`` (one row per (example, choice), ``batch["num_choices"]``), ``"encoder"`` or ``"sft"``.
+
+def eval_batches(dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int):
+    """Yield ``(kind, batch, indices)`` scoring batches covering every example of ``dataset`` once.
+
+    Examples are grouped by length to cut padding; ``indices`` are the dataset positions of the batch's
+    examples, in batch order. ``kind`` is ``"choice"`` (one answer position, candidate token ids in
+    ``batch["candidates"]``), ``"cloze"`` (one row per (example, choice), ``batch["num_choices"]``),
+    ``"encoder"`` or ``"sft"``.
     """
     exs = dataset.examples
     if spec.model_kind == "sequence_classification":
+        order = _by_length([len(ex.text) + len(ex.text_pair or "") for ex in exs])
         for i in range(0, len(exs), batch_size):
-            chunk = exs[i : i + batch_size]
-            yield (
-                "encoder",
-                collate_encoder(chunk, tokenizer, spec.max_length, dataset.task == "regression"),
-                len(chunk),
-            )
+            idx = order[i : i + batch_size]
+            chunk = [exs[j] for j in idx]
+            yield "encoder", collate_encoder(chunk, tokenizer, spec.max_length, dataset.task == "regression"), idx
         return
     if dataset.task == "sft":
+        items = [encode_train(e, spec, tokenizer) for e in exs]
+        order = _by_length([len(it.prompt) + len(it.target) for it in items])
         for i in range(0, len(exs), batch_size):
-            chunk = exs[i : i + batch_size]
-            yield (
-                "sft",
-                collate_lm([encode_train(e, spec, tokenizer) for e in chunk], tokenizer.pad_token_id),
-                len(chunk),
-            )
+            idx = order[i : i + batch_size]
+            yield "sft", collate_lm([items[j] for j in idx], tokenizer.pad_token_id), idx
         return
-    cloze = dataset.task == "mcq" and spec.format == "cloze"
-    if cloze:  # batch whole examples, one row per choice
+    if dataset.task == "mcq" and spec.format == "cloze":  # batch whole examples, one row per choice
+        rows = []
+        for ex in exs:
+            prompt = _ids(tokenizer, _mcq_prompt(ex, False), True)
+            rows.append([_fit(prompt, _ids(tokenizer, " " + c, False), spec.max_length) for c in ex.choices])
+        order = _by_length([max(len(it.prompt) + len(it.target) for it in row) for row in rows])
         per = max(1, batch_size // max(len(exs[0].choices), 1))
         for i in range(0, len(exs), per):
-            chunk = exs[i : i + per]
-            items = []
-            for ex in chunk:
-                prompt = _ids(tokenizer, _mcq_prompt(ex, False), True)
-                items += [_fit(prompt, _ids(tokenizer, " " + c, False), spec.max_length) for c in ex.choices]
-            batch = collate_lm(items, tokenizer.pad_token_id)
-            batch["num_choices"] = torch.tensor([len(ex.choices) for ex in chunk])
-            yield "cloze", batch, len(chunk)
+            idx = order[i : i + per]
+            batch = collate_lm([it for j in idx for it in rows[j]], tokenizer.pad_token_id)
+            batch["num_choices"] = torch.tensor([len(rows[j]) for j in idx])
+            yield "cloze", batch, idx
         return
+    items, cands = [], []
+    for ex in exs:
+        if isinstance(ex, MCQExample):
+            prompt, words = _mcq_prompt(ex, True), [" " + lab for lab in ex.labels]
+        else:
+            prompt, words = _cls_prompt(ex, spec.template), [" " + w for w in spec.label_words]
+        first = [_ids(tokenizer, w, False)[0] for w in words]
+        items.append(_fit(_ids(tokenizer, prompt, True), first[:1], spec.max_length))
+        cands.append(first)
+    order = _by_length([len(it.prompt) for it in items])
     for i in range(0, len(exs), batch_size):
-        chunk = exs[i : i + batch_size]
-        items, cands = [], []
-        for ex in chunk:
-            if isinstance(ex, MCQExample):
-                prompt, words = _mcq_prompt(ex, True), [" " + lab for lab in ex.labels]
-            else:
-                prompt, words = _cls_prompt(ex, spec.template), [" " + w for w in spec.label_words]
-            first = [_ids(tokenizer, w, False)[0] for w in words]
-            items.append(_fit(_ids(tokenizer, prompt, True), first[:1], spec.max_length))
-            cands.append(first)
-        width = max(len(c) for c in cands)
-        batch = collate_lm(items, tokenizer.pad_token_id)
-        batch["candidates"] = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands])  # (B, C)
-        batch["candidate_valid"] = torch.tensor([[j < len(c) for j in range(width)] for c in cands])
-        yield "choice", batch, len(chunk)
+        idx = order[i : i + batch_size]
+        width = max(len(cands[j]) for j in idx)
+        batch = collate_lm([items[j] for j in idx], tokenizer.pad_token_id)
+        batch["candidates"] = torch.tensor([cands[j] + [cands[j][0]] * (width - len(cands[j])) for j in idx])  # (B, C)
+        batch["candidate_valid"] = torch.tensor([[k < len(cands[j]) for k in range(width)] for j in idx])
+        yield "choice", batch, idx
 
 
 class TaskModel(nn.Module):
