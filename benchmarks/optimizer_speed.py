@@ -57,11 +57,19 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
         ),
     )
     g = torch.Generator().manual_seed(1)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.randn(p.shape, generator=g) * 1e-3
-    # PEFT's preconditioner overwrites .grad in place each step; re-randomising is not needed for timing.
-    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=1e-4, reg=1e-6, foreach=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    originals = [p.grad.clone() for p in params]
+    opt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=1e-4, reg=1e-6, foreach=True)
+
+    def restore() -> None:
+        # PEFT preconditions .grad in place; restore it (untimed) so every step sees the same gradients.
+        for p, g0 in zip(params, originals, strict=True):
+            p.grad.copy_(g0)
+
+    opt.riemix_bench_restore = restore
+    return opt
 
 
 def main() -> None:
@@ -103,12 +111,19 @@ def main() -> None:
         except ImportError:
             print("peft not installed: skipping its Riemannian optimizer (pip install peft)")
     names = list(cands)
+    def prepare(name: str) -> None:
+        restore = getattr(cands[name], "riemix_bench_restore", None)
+        if restore is not None:
+            restore()
+
     for name in names:
         for _ in range(2):
+            prepare(name)
             cands[name].step()
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.repeats):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            prepare(name)
             t0 = time.perf_counter()
             cands[name].step()
             times[name].append(time.perf_counter() - t0)

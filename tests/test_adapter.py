@@ -83,9 +83,7 @@ def test_save_without_adapters_rejected(tmp_path):
 
 def test_mismatched_base_model_names_the_difference(tmp_path):
     save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
-    with pytest.raises(
-        AdapterError, match=r"model class is BertForSequenceClassification.*saved on LlamaForCausalLM"
-    ):
+    with pytest.raises(AdapterError, match=r"model class is BertForSequenceClassification.*saved on LlamaForCausalLM"):
         load_adapter(make_tiny_bert(), tmp_path)
     with pytest.raises(AdapterError, match=r"q_proj' has shape in=48, out=48; adapter expects in=32, out=32"):
         load_adapter(make_tiny_llama(hidden=48), tmp_path)

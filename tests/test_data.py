@@ -31,18 +31,30 @@ needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data folde
 
 # (name, split, rows) from /work/shared/data/SOURCES.md; boolq/piqa are the 80/20 split.
 SHARED_COUNTS = [
-    ("commonsense_qa", "train", 9741), ("commonsense_qa", "dev", 1221),
-    ("openbookqa", "train", 4957), ("openbookqa", "test", 500),
-    ("arc_easy", "train", 2251), ("arc_easy", "validation", 570),
-    ("scienceqa", "train", 6079), ("scienceqa", "dev", 2095),
-    ("boolq", "train", 2616), ("boolq", "dev", 654),
-    ("piqa", "train", 1470), ("piqa", "dev", 368),
-    ("glue/sst2", "train", 67349), ("glue/sst2", "dev", 872),
-    ("glue/cola", "train", 8551), ("glue/cola", "dev", 1043),
-    ("glue/mrpc", "train", 3667), ("glue/mrpc", "dev", 408),
-    ("glue/stsb", "train", 5749), ("glue/stsb", "dev", 1500),
-    ("glue/rte", "train", 2490), ("glue/rte", "dev", 277),
-    ("glue/wnli", "train", 635), ("glue/wnli", "dev", 71),
+    ("commonsense_qa", "train", 9741),
+    ("commonsense_qa", "dev", 1221),
+    ("openbookqa", "train", 4957),
+    ("openbookqa", "test", 500),
+    ("arc_easy", "train", 2251),
+    ("arc_easy", "validation", 570),
+    ("scienceqa", "train", 6079),
+    ("scienceqa", "dev", 2095),
+    ("boolq", "train", 2616),
+    ("boolq", "dev", 654),
+    ("piqa", "train", 1470),
+    ("piqa", "dev", 368),
+    ("glue/sst2", "train", 67349),
+    ("glue/sst2", "dev", 872),
+    ("glue/cola", "train", 8551),
+    ("glue/cola", "dev", 1043),
+    ("glue/mrpc", "train", 3667),
+    ("glue/mrpc", "dev", 408),
+    ("glue/stsb", "train", 5749),
+    ("glue/stsb", "dev", 1500),
+    ("glue/rte", "train", 2490),
+    ("glue/rte", "dev", 277),
+    ("glue/wnli", "train", 635),
+    ("glue/wnli", "dev", 71),
     ("glue/qnli", "dev", 5463),
 ]
 
@@ -88,16 +100,27 @@ def _check_valid(ds: Dataset) -> None:
 # ----------------------------------------------------------------------------- packaged copy
 def test_packaged_files_ship_with_the_package():
     root = importlib.resources.files("riemix.data") / "builtin"
-    for rel in ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", "arc_easy/train.jsonl",
-                "arc_easy/dev.jsonl", "LICENSES.md"):
+    for rel in (
+        "glue/SST-2/train.tsv",
+        "glue/SST-2/dev.tsv",
+        "arc_easy/train.jsonl",
+        "arc_easy/dev.jsonl",
+        "LICENSES.md",
+    ):
         assert root.joinpath(rel).is_file(), rel
     assert Path(str(root)) == PACKAGED_DIR
 
 
-@pytest.mark.parametrize(("name", "split", "rows"), [
-    ("glue/sst2", "train", 4000), ("SST-2", "validation", 872), ("glue/SST-2", "test", 872),
-    ("arc_easy", "train", 2251), ("ARC-Easy", "dev", 570),
-])
+@pytest.mark.parametrize(
+    ("name", "split", "rows"),
+    [
+        ("glue/sst2", "train", 4000),
+        ("SST-2", "validation", 872),
+        ("glue/SST-2", "test", 872),
+        ("arc_easy", "train", 2251),
+        ("ARC-Easy", "dev", 570),
+    ],
+)
 def test_packaged_loads_without_data_dir(name, split, rows):
     ds = load_dataset(name, split)
     assert len(ds) == rows
@@ -153,9 +176,14 @@ def test_shared_dataset_loads(name, split, rows):
 @needs_shared
 def test_shared_tasks_and_metrics(monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(SHARED))  # env var is used when data_dir is None
-    expect = {"glue/cola": ("classification", "matthews_corr"), "glue/mrpc": ("classification", "f1"),
-              "glue/stsb": ("regression", "pearson_spearman"), "boolq": ("classification", "accuracy"),
-              "piqa": ("mcq", "accuracy"), "scienceqa": ("mcq", "accuracy")}
+    expect = {
+        "glue/cola": ("classification", "matthews_corr"),
+        "glue/mrpc": ("classification", "f1"),
+        "glue/stsb": ("regression", "pearson_spearman"),
+        "boolq": ("classification", "accuracy"),
+        "piqa": ("mcq", "accuracy"),
+        "scienceqa": ("mcq", "accuracy"),
+    }
     for name, (task, metric) in expect.items():
         ds = load_dataset(name, "dev")
         assert (ds.task, ds.metric) == (task, metric)
@@ -192,7 +220,8 @@ def test_mixture():
 # ----------------------------------------------------------------------------- builtin parsers
 def test_scienceqa_prompt_parsing():
     ctx, q, choices = parse_scienceqa_prompt(
-        "Context: Some passage.\nQuestion: Which is hot?\nOptions:(A) ice (B) fire (C) snow\nAnswer:")
+        "Context: Some passage.\nQuestion: Which is hot?\nOptions:(A) ice (B) fire (C) snow\nAnswer:"
+    )
     assert (ctx, q, choices) == ("Some passage.", "Which is hot?", ("ice", "fire", "snow"))
     assert parse_scienceqa_prompt("Context: \nQuestion: Q?\nOptions:(A) x (B) y\nAnswer:")[0] is None
     with pytest.raises(ValueError):
@@ -202,10 +231,13 @@ def test_scienceqa_prompt_parsing():
 def test_builtin_parsers_on_small_layout(tmp_path):
     (tmp_path / "scienceqa").mkdir()
     turn = "Context: c\nQuestion: q?\nOptions:(A) a (B) b\nAnswer:"
-    _jsonl(tmp_path / "scienceqa/eval.jsonl", [
-        {"messages": [{"role": "User", "content": turn}, {"role": "Chatbot", "content": "B"}]},
-        {"messages": [{"role": "User", "content": turn}, {"role": "Chatbot", "content": "C"}]},
-    ])
+    _jsonl(
+        tmp_path / "scienceqa/eval.jsonl",
+        [
+            {"messages": [{"role": "User", "content": turn}, {"role": "Chatbot", "content": "B"}]},
+            {"messages": [{"role": "User", "content": turn}, {"role": "Chatbot", "content": "C"}]},
+        ],
+    )
     with pytest.raises(DataError, match=_at(tmp_path / "scienceqa/eval.jsonl", 2) + "answer 'C'"):
         load_dataset("scienceqa", "dev", tmp_path)
     (tmp_path / "piqa").mkdir()
@@ -224,17 +256,25 @@ def test_builtin_parsers_on_small_layout(tmp_path):
 
 # ----------------------------------------------------------------------------- generic formats
 def test_mcq_jsonl_round_trip(tmp_path):
-    path = _jsonl(tmp_path / "mcq.jsonl", [
-        {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1, "context": "math"},
-        {"question": "Sky?", "choices": ["blue", "green"], "answer": "A"},
-        {"question": "Sky?", "choices": ["blue", "green"], "answer": "b"},
-        {"question": "Sky?", "choices": ["blue", "green"], "answer": "green"},
-        "",
-        {"question": {"stem": "ARC?", "choices": [{"label": "1", "text": "x"}, {"label": "2", "text": "y"}]},
-         "answerKey": "2"},
-        {"question_stem": "OBQA?", "choices": {"text": ["p", "q", "r"], "label": ["A", "B", "C"]},
-         "answerKey": "C"},
-    ])
+    path = _jsonl(
+        tmp_path / "mcq.jsonl",
+        [
+            {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1, "context": "math"},
+            {"question": "Sky?", "choices": ["blue", "green"], "answer": "A"},
+            {"question": "Sky?", "choices": ["blue", "green"], "answer": "b"},
+            {"question": "Sky?", "choices": ["blue", "green"], "answer": "green"},
+            "",
+            {
+                "question": {"stem": "ARC?", "choices": [{"label": "1", "text": "x"}, {"label": "2", "text": "y"}]},
+                "answerKey": "2",
+            },
+            {
+                "question_stem": "OBQA?",
+                "choices": {"text": ["p", "q", "r"], "label": ["A", "B", "C"]},
+                "answerKey": "C",
+            },
+        ],
+    )
     ds = load_file(path)
     assert ds.task == "mcq" and ds.metric == "accuracy" and ds.source == str(path)
     assert ds[0] == MCQExample("2+2?", ("3", "4", "5"), 1, "math", ("A", "B", "C"))
@@ -270,13 +310,22 @@ def test_classification_tsv(tmp_path):
 
 
 def test_sft_formats(tmp_path):
-    path = _jsonl(tmp_path / "sft.jsonl", [
-        {"prompt": "Q: hi", "completion": " A: hello"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "User", "content": "Hi"},
-                      {"role": "Chatbot", "content": "Hey"}, {"role": "user", "content": "Name?"},
-                      {"role": "bot", "content": "Bot."}]},
-        {"text": "just text"},
-    ])
+    path = _jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"prompt": "Q: hi", "completion": " A: hello"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "User", "content": "Hi"},
+                    {"role": "Chatbot", "content": "Hey"},
+                    {"role": "user", "content": "Name?"},
+                    {"role": "bot", "content": "Bot."},
+                ]
+            },
+            {"text": "just text"},
+        ],
+    )
     ds = load_file(path)
     assert ds.task == "sft" and ds.metric == "loss"
     assert ds[0] == SFTExample("Q: hi", " A: hello")
@@ -286,18 +335,26 @@ def test_sft_formats(tmp_path):
 
 
 # ----------------------------------------------------------------------------- error paths
-@pytest.mark.parametrize(("lines", "line", "message"), [
-    (['{"question": "q", "choices": ["a", "b"], "answer": 0}', "", '{"question": "q", "choices": '],
-     3, "malformed JSON"),
-    (['{"question": "q", "choices": ["a", "b"], "answer": 0}', '{"question": "q", "answer": 0}'],
-     2, 'missing field "choices"'),
-    (['{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 7}'], 1,
-     "answer 7 out of range for 4 choices"),
-    (['{"question": "q", "choices": ["a", "b"], "answer": "Z"}'], 1, "answer 'Z' matches no choice"),
-    (['{"question": "q", "choices": ["a"], "answer": 0}'], 1, "need at least 2 choices"),
-    (['{"question": "q", "choices": ["a", "b"]}'], 1, 'missing field "answer"'),
-    (['["not", "an", "object"]'], 1, "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("lines", "line", "message"),
+    [
+        (
+            ['{"question": "q", "choices": ["a", "b"], "answer": 0}', "", '{"question": "q", "choices": '],
+            3,
+            "malformed JSON",
+        ),
+        (
+            ['{"question": "q", "choices": ["a", "b"], "answer": 0}', '{"question": "q", "answer": 0}'],
+            2,
+            'missing field "choices"',
+        ),
+        (['{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 7}'], 1, "answer 7 out of range for 4 choices"),
+        (['{"question": "q", "choices": ["a", "b"], "answer": "Z"}'], 1, "answer 'Z' matches no choice"),
+        (['{"question": "q", "choices": ["a"], "answer": 0}'], 1, "need at least 2 choices"),
+        (['{"question": "q", "choices": ["a", "b"]}'], 1, 'missing field "answer"'),
+        (['["not", "an", "object"]'], 1, "expected a JSON object"),
+    ],
+)
 def test_mcq_errors_name_file_and_line(tmp_path, lines, line, message):
     path = _write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError, match=_at(path, line) + re.escape(message)):
@@ -348,12 +405,15 @@ def test_missing_and_unsupported_files(tmp_path):
         load_file(path, task="sft")
 
 
-@pytest.mark.parametrize(("record", "message"), [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages contain no assistant turn"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]: unknown role 'wizard'"),
-    ({"prompt": "p"}, 'missing field "completion"'),
-    ({"foo": 1}, "missing field"),
-])
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages contain no assistant turn"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]: unknown role 'wizard'"),
+        ({"prompt": "p"}, 'missing field "completion"'),
+        ({"foo": 1}, "missing field"),
+    ],
+)
 def test_sft_errors(tmp_path, record, message):
     path = _jsonl(tmp_path / "sft.jsonl", [{"text": "fine"}, record])
     with pytest.raises(DataError, match=_at(path, 2) + re.escape(message)):
@@ -368,8 +428,9 @@ def test_cannot_infer_task(tmp_path):
 
 # ----------------------------------------------------------------------------- records, subset, split
 def _toy(n: int = 100) -> Dataset:
-    return Dataset("toy", "classification", [ClassificationExample(f"t{i}", None, i % 2) for i in range(n)],
-                   label_names=("a", "b"))
+    return Dataset(
+        "toy", "classification", [ClassificationExample(f"t{i}", None, i % 2) for i in range(n)], label_names=("a", "b")
+    )
 
 
 def test_subset_deterministic():

@@ -170,9 +170,18 @@ def test_trainer_logs_each_regulariser_and_diagnostics(tmp_path, mode):
 
     files = write_mcq(tmp_path / "train.jsonl", 32, 0), write_mcq(tmp_path / "dev.jsonl", 8, 1)
     cfg = base_cfg(
-        tmp_path, files, max_steps=2, log_every=1, eval_before=False, diagnostics_every=1,
-        load_balance_coef=0.01, z_loss_coef=0.001, uniform_prior_coef=0.01, diversity_coef=0.1,
-        orthogonality_coef=0.01, regularizer_mode=mode,
+        tmp_path,
+        files,
+        max_steps=2,
+        log_every=1,
+        eval_before=False,
+        diagnostics_every=1,
+        load_balance_coef=0.01,
+        z_loss_coef=0.001,
+        uniform_prior_coef=0.01,
+        diversity_coef=0.1,
+        orthogonality_coef=0.01,
+        regularizer_mode=mode,
     )
     train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

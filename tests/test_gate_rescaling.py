@@ -53,9 +53,7 @@ def test_first_order_weight_change(power):
     # Sanity: the layer computes the same function.
     torch.testing.assert_close(layer(x), x @ w_eff.t() + layer.base_layer.bias)
 
-    opt = RiemannianSGD(
-        [layer.lora_A, layer.lora_B], lr=LR, reg=DELTA, lora_pairs=[(layer.lora_A, layer.lora_B)]
-    )
+    opt = RiemannianSGD([layer.lora_A, layer.lora_B], lr=LR, reg=DELTA, lora_pairs=[(layer.lora_A, layer.lora_B)])
     loss_fn(layer(x)).backward()
     opt.step()
     delta_w = (effective_weight(layer, gates) - w_eff).detach()
@@ -80,9 +78,7 @@ def test_powers_give_different_updates():
         layer, x, target = make_layer(power)
         gates = torch.softmax(layer.router.weight[:, 0], dim=0)
         before = effective_weight(layer, gates).detach()
-        opt = RiemannianSGD(
-            [layer.lora_A, layer.lora_B], lr=LR, reg=DELTA, lora_pairs=[(layer.lora_A, layer.lora_B)]
-        )
+        opt = RiemannianSGD([layer.lora_A, layer.lora_B], lr=LR, reg=DELTA, lora_pairs=[(layer.lora_A, layer.lora_B)])
         ((layer(x) - target) ** 2).sum().backward()
         opt.step()
         deltas.append((effective_weight(layer, gates) - before).detach())

@@ -53,9 +53,7 @@ def test_orthogonal_falls_back_per_expert_and_says_so(caplog):
     layer = MoELoRALinear(nn.Linear(8, 8).double(), 4, 3, alpha=8.0, top_k=2, init="orthogonal")
     assert layer.init_info == "per_expert"  # E·r = 12 > in = 8
     for i in range(4):
-        torch.testing.assert_close(
-            layer.lora_A[i] @ layer.lora_A[i].t(), torch.eye(3, dtype=F64), atol=1e-12, rtol=0
-        )
+        torch.testing.assert_close(layer.lora_A[i] @ layer.lora_A[i].t(), torch.eye(3, dtype=F64), atol=1e-12, rtol=0)
     with caplog.at_level(logging.WARNING, logger="riemix"):
         add_moe_lora(make_tiny_llama(), MoELoRAConfig(num_experts=8, top_k=2, rank=8, init="orthogonal"))
     assert sum("orthonormal per expert only" in r.message for r in caplog.records) == 1  # once per call
@@ -107,9 +105,7 @@ def test_pissa_factors_are_the_principal_directions():
 
 
 def test_pissa_save_load_reproduces_trained_model_exactly(tmp_path):
-    cfg = MoELoRAConfig(
-        num_experts=3, top_k=2, rank=2, init="pissa", target_modules=TARGETS, expert_scales=True
-    )
+    cfg = MoELoRAConfig(num_experts=3, top_k=2, rank=2, init="pissa", target_modules=TARGETS, expert_scales=True)
     model = add_moe_lora(make_tiny_llama(), cfg)
     torch.manual_seed(5)
     with torch.no_grad():  # "training": move every adapter parameter
@@ -133,9 +129,7 @@ def test_pissa_with_more_directions_than_rank_keeps_every_expert_trainable():
     layer = MoELoRALinear(base, 3, 2, alpha=4.0, top_k=3, routing="dense", init="pissa")  # E·r = 6 > 3
     torch.testing.assert_close(layer(x), want, atol=1e-12, rtol=0)
     assert all(layer.lora_A[i].abs().sum() > 0 for i in range(3))
-    torch.testing.assert_close(
-        layer.base_layer.weight, torch.zeros_like(w), atol=1e-12, rtol=0
-    )  # full rank moved
+    torch.testing.assert_close(layer.base_layer.weight, torch.zeros_like(w), atol=1e-12, rtol=0)  # full rank moved
 
 
 def test_small_b_with_scale_warmup_starts_at_the_base_model():
@@ -291,10 +285,7 @@ def test_check_init_on_a_run_directory(tmp_path):
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert meta["runtime"]["scale_factor"] == pytest.approx(2 / 5)  # warm-up state after 2 of 5 steps
     assert main(["check-init", str(tmp_path / "run"), "--max-new-tokens", "2"]) == 0
-    assert (
-        main(["check-init", str(tmp_path / "run"), "--trained", "--max-new-tokens", "2", "--threshold", "0"])
-        == 1
-    )
+    assert main(["check-init", str(tmp_path / "run"), "--trained", "--max-new-tokens", "2", "--threshold", "0"]) == 1
     with pytest.raises(SystemExit):
         main(["check-init"])
 
@@ -307,7 +298,11 @@ def test_train_cli_exposes_the_new_adapter_flags():
          "--router-temperature-final", "0.5", "--routing", "top_p", "--top-p", "0.7"]
     )  # fmt: skip
     assert (ns.init, ns.scale_warmup_steps, ns.expert_scales, ns.router_temperature_final, ns.top_p) == (
-        "small_b", 5, True, 0.5, 0.7
+        "small_b",
+        5,
+        True,
+        0.5,
+        0.7,
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--expert-scales", "maybe"])

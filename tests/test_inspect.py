@@ -24,8 +24,16 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("inspect")
     files = write_mcq(tmp / "train.jsonl", 32, 0), write_mcq(tmp / "dev.jsonl", 8, 1)
-    cfg = base_cfg(tmp, files, max_steps=3, log_every=1, eval_every=2, diagnostics_every=1,
-                   load_balance_coef=0.01, diversity_coef=0.01)
+    cfg = base_cfg(
+        tmp,
+        files,
+        max_steps=3,
+        log_every=1,
+        eval_every=2,
+        diagnostics_every=1,
+        load_balance_coef=0.01,
+        diversity_coef=0.01,
+    )
     train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
     return tmp / "run"
 
@@ -63,8 +71,9 @@ def test_adapter_weight_diagnostics_match_the_saved_tensors(tiny_run):
     name = "model.layers.0.self_attn.q_proj"
     want = weight_diagnostics(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"])
     assert diags[name]["effective_rank"] == pytest.approx(want["effective_rank"])
-    prods = torch.stack([b @ a for a, b in zip(tensors[f"{name}.lora_A"].double(),
-                                               tensors[f"{name}.lora_B"].double(), strict=True)])
+    prods = torch.stack(
+        [b @ a for a, b in zip(tensors[f"{name}.lora_A"].double(), tensors[f"{name}.lora_B"].double(), strict=True)]
+    )
     flat = prods.reshape(len(prods), -1)
     ref = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
     torch.testing.assert_close(torch.tensor(diags[name]["similarity"], dtype=torch.float64), ref)
@@ -82,9 +91,7 @@ def test_inspect_without_diagnostics_uses_adapter_only(tiny_run, tmp_path):
     assert "curves.png" in names and "usage_heatmap.png" not in names
 
 
-@pytest.mark.parametrize(
-    "case", ["missing", "empty", "bad_metrics", "bad_layer", "bad_diag", "bad_threshold"]
-)
+@pytest.mark.parametrize("case", ["missing", "empty", "bad_metrics", "bad_layer", "bad_diag", "bad_threshold"])
 def test_inspect_errors_exit_2(tiny_run, tmp_path, capsys, case):
     run = tmp_path / "run"
     argv_extra: list[str] = []

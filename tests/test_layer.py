@@ -43,9 +43,7 @@ def reference_forward(layer: MoELoRALinear, x: torch.Tensor, mode: str, k: int, 
 
 def make_layer(mode: str, k: int, p: float, dtype: torch.dtype, seed: int = 0) -> MoELoRALinear:
     torch.manual_seed(seed)
-    layer = MoELoRALinear(
-        nn.Linear(D_IN, D_OUT).to(dtype), E, R, alpha=6.0, top_k=k, routing=mode, gate_grad_power=p
-    )
+    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT).to(dtype), E, R, alpha=6.0, top_k=k, routing=mode, gate_grad_power=p)
     with torch.no_grad():  # non-zero B and a sharp router so every gradient is non-trivial
         layer.lora_B.normal_()
         layer.router.weight.normal_()
@@ -107,9 +105,7 @@ def test_gate_grad_coefficients_values():
     torch.testing.assert_close(
         gate_grad_coefficients(g, 0.5), torch.tensor([[0.0, 0.5, 0.75**0.5]], dtype=torch.float64)
     )
-    torch.testing.assert_close(
-        gate_grad_coefficients(g, 0.0), torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(gate_grad_coefficients(g, 0.0), torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "dense"])

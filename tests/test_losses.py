@@ -126,8 +126,11 @@ def test_router_losses_validation():
 def test_router_losses_all_masked_are_zero():
     logits = torch.randn(3, 4, requires_grad=True)
     mask = torch.zeros(3)
-    for value in (load_balancing_loss(logits, 2, mask=mask), router_z_loss(logits, mask),
-                  uniform_prior_loss(logits, mask)):
+    for value in (
+        load_balancing_loss(logits, 2, mask=mask),
+        router_z_loss(logits, mask),
+        uniform_prior_loss(logits, mask),
+    ):
         assert value.item() == 0.0
 
 

@@ -141,8 +141,11 @@ def test_glue_metrics_keys_and_values():
     # sum(dy^2) = 129 -> pearson = 25 / sqrt(645); spearman = 1 (monotone)
     r = 25 / math.sqrt(645)
     out = glue_metrics("STS-B", [1, 2, 3, 4], [1, 4, 9, 16])
-    assert out == {"pearson": pytest.approx(r), "spearman": pytest.approx(1.0),
-                   "pearson_spearman": pytest.approx((r + 1) / 2)}
+    assert out == {
+        "pearson": pytest.approx(r),
+        "spearman": pytest.approx(1.0),
+        "pearson_spearman": pytest.approx((r + 1) / 2),
+    }
     with pytest.raises(ValueError, match="unknown GLUE task"):
         glue_metrics("squad", [1], [1])
 

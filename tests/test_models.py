@@ -100,9 +100,7 @@ def test_local_dir_sequence_classification_bert(tmp_path, caplog):
     assert tokenizer is None
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.config.num_labels == 3
-    assert torch.equal(
-        model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight
-    )
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
     with torch.no_grad():
         assert model(input_ids=IDS).logits.shape == (1, 3)
     # The new head is expected: reported at INFO, not as a warning.

@@ -75,9 +75,7 @@ def reference_forward(layer: MoELoRALinear, x, noise=None):
 
 def make_layer(routing="softmax_topk", k=2, p=0.5, seed=0, **kw) -> MoELoRALinear:
     torch.manual_seed(seed)
-    layer = MoELoRALinear(
-        nn.Linear(D_IN, D_OUT), E, R, alpha=6.0, top_k=k, routing=routing, gate_grad_power=p, **kw
-    )
+    layer = MoELoRALinear(nn.Linear(D_IN, D_OUT), E, R, alpha=6.0, top_k=k, routing=routing, gate_grad_power=p, **kw)
     layer = layer.to(F64)
     with torch.no_grad():  # non-trivial B, router, global gate and scales so every gradient is non-zero
         layer.lora_B.normal_()
@@ -161,9 +159,7 @@ def test_noise_changes_selection_but_gate_values_stay_clean():
 
 
 def test_top_p_selection_on_hand_made_probabilities():
-    probs = torch.tensor(
-        [[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.25, 0.25, 0.25, 0.25]], dtype=F64
-    )
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.25, 0.25, 0.25, 0.25]], dtype=F64)
     assert top_p_select(probs, 0.45, 4).tolist()[0] == [True, False, False, False]
     assert top_p_select(probs, 0.79, 4).tolist()[0] == [True, True, False, False]
     assert top_p_select(probs, 0.81, 4).tolist()[1] == [False, True, True, True]
@@ -205,9 +201,7 @@ def test_schedule_values():
     layers = [layer for _, layer in iter_moe_lora_layers(model)]
     assert all(layer.scale_factor == 0.0 and layer.router_temperature == 2.0 for layer in layers)
     assert set_scale_progress(model, 2) == 0.5 and all(layer.scale_factor == 0.5 for layer in layers)
-    assert set_router_temperature(model, 4, 8) == 1.25 and all(
-        layer.router_temperature == 1.25 for layer in layers
-    )
+    assert set_router_temperature(model, 4, 8) == 1.25 and all(layer.router_temperature == 1.25 for layer in layers)
     assert set_training_progress(model, 8, 8) == {"adapter_scale_factor": 1.0, "router_temperature": 0.5}
 
 
@@ -257,9 +251,7 @@ def test_optimizer_groups_for_global_gate_and_scales():
     ],
 )
 def test_save_load_round_trips_new_parameters_and_state(tmp_path, extra):
-    cfg = MoELoRAConfig(
-        **{"num_experts": 3, "top_k": 2, "rank": 2, "target_modules": ["q_proj", "v_proj"], **extra}
-    )
+    cfg = MoELoRAConfig(**{"num_experts": 3, "top_k": 2, "rank": 2, "target_modules": ["q_proj", "v_proj"], **extra})
     model = add_moe_lora(make_tiny_llama(), cfg)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -277,9 +269,7 @@ def test_save_load_round_trips_new_parameters_and_state(tmp_path, extra):
     assert all(torch.equal(trained[n], loaded[n]) for n in trained)
     for (_, a), (_, b) in zip(iter_moe_lora_layers(model), iter_moe_lora_layers(restored), strict=True):
         assert (a.scale_factor, a.router_temperature) == (b.scale_factor, b.router_temperature)
-    torch.testing.assert_close(
-        restored(**tiny_inputs()).logits, model(**tiny_inputs()).logits, atol=0, rtol=0
-    )
+    torch.testing.assert_close(restored(**tiny_inputs()).logits, model(**tiny_inputs()).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "top_p"])

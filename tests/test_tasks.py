@@ -25,8 +25,9 @@ def test_mcq_predictions_do_not_depend_on_batching(tmp_path, fmt):
 
 def test_encoder_predictions_do_not_depend_on_batching():
     rng = np.random.default_rng(0)
-    exs = [ClassificationExample(" ".join(rng.choice(GOOD, size=int(rng.integers(1, 6)))), None, i % 2)
-           for i in range(17)]
+    exs = [
+        ClassificationExample(" ".join(rng.choice(GOOD, size=int(rng.integers(1, 6)))), None, i % 2) for i in range(17)
+    ]
     ds = Dataset("toy", "classification", exs, label_names=("a", "b"))
     spec = TaskSpec.for_dataset(ds, "sequence_classification")
     tm = TaskModel(make_tiny_bert(), "sequence_classification")

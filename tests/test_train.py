@@ -48,9 +48,7 @@ def tiny_tokenizer():
     )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
 
 
 def write_mcq(path, n, seed):
@@ -61,11 +59,7 @@ def write_mcq(path, n, seed):
             choices = rng.sample(BAD, 2) + [rng.choice(GOOD)]
             rng.shuffle(choices)
             answer = next(i for i, c in enumerate(choices) if c in GOOD)
-            fh.write(
-                json.dumps(
-                    {"question": " ".join(rng.sample(FILLER, 3)), "choices": choices, "answer": answer}
-                )
-            )
+            fh.write(json.dumps({"question": " ".join(rng.sample(FILLER, 3)), "choices": choices, "answer": answer}))
             fh.write("\n")
     return str(path)
 
@@ -106,9 +100,7 @@ def test_tiny_model_learns_synthetic_mcq(tmp_path, mcq_files):
     torch.manual_seed(0)
     summary = train(base_cfg(tmp_path, mcq_files), model=make_tiny_llama(), tokenizer=tiny_tokenizer())
     assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] + 0.25
-    losses = [
-        json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line
-    ]
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
     assert losses[-1] < losses[0]
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {
@@ -134,9 +126,7 @@ def test_resume_is_bit_identical(tmp_path, mcq_files):
     )
     train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(
-        tmp_path / "straight" / "checkpoints" / "step-000003", resumed_dir / "checkpoints" / "step-000003"
-    )
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000003", resumed_dir / "checkpoints" / "step-000003")
     cfg2 = base_cfg(
         tmp_path,
         mcq_files,
@@ -359,13 +349,28 @@ def test_sft_with_packing_reports_padding(tmp_path):
         for _ in range(40):
             n = rng.randint(1, 5)
             fh.write(json.dumps({"prompt": " ".join(rng.sample(FILLER, n)), "completion": rng.choice(GOOD)}) + "\n")
-    common = dict(model="tiny", dataset=str(tmp_path / "sft.jsonl"), eval_dataset=str(tmp_path / "sft.jsonl"),
-                  batch_size=4, max_steps=12, lr=3e-2, max_length=32, progress=False, verbose=False,
-                  adapter={"num_experts": 2, "top_k": 1, "rank": 2})
-    packed = train(TrainConfig.from_dict({**common, "packing": True, "output_dir": str(tmp_path / "p")}),
-                   model=make_tiny_llama(), tokenizer=tiny_tokenizer())
-    plain = train(TrainConfig.from_dict({**common, "output_dir": str(tmp_path / "u")}),
-                  model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    common = dict(
+        model="tiny",
+        dataset=str(tmp_path / "sft.jsonl"),
+        eval_dataset=str(tmp_path / "sft.jsonl"),
+        batch_size=4,
+        max_steps=12,
+        lr=3e-2,
+        max_length=32,
+        progress=False,
+        verbose=False,
+        adapter={"num_experts": 2, "top_k": 1, "rank": 2},
+    )
+    packed = train(
+        TrainConfig.from_dict({**common, "packing": True, "output_dir": str(tmp_path / "p")}),
+        model=make_tiny_llama(),
+        tokenizer=tiny_tokenizer(),
+    )
+    plain = train(
+        TrainConfig.from_dict({**common, "output_dir": str(tmp_path / "u")}),
+        model=make_tiny_llama(),
+        tokenizer=tiny_tokenizer(),
+    )
     assert 0.0 <= packed["pad_fraction"] < plain["pad_fraction"]
     assert packed["after"]["loss"] < packed["before"]["loss"]  # completion loss goes down
 
@@ -385,15 +390,26 @@ def test_pack_items_and_collate_loss_positions():
 
 
 def test_early_stopping_stops(tmp_path, mcq_files):
-    cfg = base_cfg(tmp_path, mcq_files, max_steps=40, lr=0.0, gate_lr=0.0, eval_every=2,
-                   early_stopping_patience=2, eval_before=False)
+    cfg = base_cfg(
+        tmp_path,
+        mcq_files,
+        max_steps=40,
+        lr=0.0,
+        gate_lr=0.0,
+        eval_every=2,
+        early_stopping_patience=2,
+        eval_before=False,
+    )
     summary = train(cfg, model=make_tiny_llama(), tokenizer=tiny_tokenizer())
     assert summary["steps"] == 6  # lr 0: no improvement after the first evaluation at step 2
 
 
 def test_bf16_autocast_run(tmp_path, mcq_files):
-    summary = train(base_cfg(tmp_path, mcq_files, max_steps=3, bf16=True, eval_before=False),
-                    model=make_tiny_llama(), tokenizer=tiny_tokenizer())
+    summary = train(
+        base_cfg(tmp_path, mcq_files, max_steps=3, bf16=True, eval_before=False),
+        model=make_tiny_llama(),
+        tokenizer=tiny_tokenizer(),
+    )
     assert 0.0 <= summary["after"]["accuracy"] <= 1.0
 
 

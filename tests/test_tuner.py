@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TINY_MODELS, tiny_inputs
 from torch import nn
 
 from riemix import MoELoRAConfig, MoELoRALinear, add_moe_lora, iter_moe_lora_layers
 from riemix.tuner import layer_index
-
-from tiny import TINY_MODELS, tiny_inputs
 
 CONFIGS = {
     "softmax_topk": dict(num_experts=4, top_k=2, rank=2, routing="softmax_topk", gate_grad_power=0.5),
@@ -82,9 +81,7 @@ def test_layer_index_parsing():
 
 
 def test_no_match_lists_candidates(tiny_llama):
-    with pytest.raises(
-        ValueError, match=r"matched no module; nn.Linear names in this model: \[.*'q_proj'.*\]"
-    ):
+    with pytest.raises(ValueError, match=r"matched no module; nn.Linear names in this model: \[.*'q_proj'.*\]"):
         add_moe_lora(tiny_llama, MoELoRAConfig(num_experts=2, top_k=1, target_modules=["query"]))
 
 
