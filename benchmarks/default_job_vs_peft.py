@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import record_header
 
 from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule, train
 
@@ -117,13 +116,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() and args.only else {}
     record = {
-        "benchmark": "default_job_vs_peft",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        **record_header("default_job_vs_peft"),
         "steps": args.steps,
         "results": {**previous.get("results", {}), **rows},
     }

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import record_header
 
 RESULTS = Path(__file__).parent / "results"
 CANDIDATES = ("frozen_base", "peft_lora_r16", "riemix_20_10_4", "riemix_8_2_4")
@@ -191,13 +190,7 @@ def main() -> None:
         f"({'met' if ratios['riemix_20_10_4_over_peft_lora_r16'] >= 0.85 else 'NOT met'})"
     )
     record = {
-        "benchmark": "e2e_throughput",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        **record_header("e2e_throughput"),
         "args": vars(args),
         "tokens_per_s": tps,
         "step_seconds": times,

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import record_header
 from torch import nn
 
 from riemix.optim import RiemannianAdamW, RiemannianSGD
@@ -151,13 +150,7 @@ def main() -> None:
         f"({'met' if ratios['riemix_radamw_over_torch_adamw'] <= 1.5 else 'NOT met'})"
     )
     record = {
-        "benchmark": "optimizer_speed",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        **record_header("optimizer_speed"),
         "args": vars(args),
         "median_seconds": med,
         "all_seconds": times,

@@ -1,0 +1,24 @@
+"""Shared pieces of the benchmark scripts: the record header (date, machine) every result JSON carries."""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+__all__ = ["record_header"]
+
+
+def record_header(benchmark: str) -> dict[str, Any]:
+    """``{"benchmark", "date", "machine"}`` for a result JSON (UTC date; platform, threads, torch)."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
