@@ -14,6 +14,7 @@ atomic checkpoints, and writes the run directory:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -136,12 +137,17 @@ def _encode_all(train_sets, specs, tokenizer, cfg: TrainConfig) -> list:
     return items
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The seeded permutation of ``n`` examples for one epoch (computed once per epoch, not per batch)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist())
+
+
 def _batch_at(items, index: int, cfg: TrainConfig, rank: int, world: int) -> list:
     """The examples of global micro-batch ``index``: a seeded permutation per epoch, sharded by rank."""
     per_epoch = max(1, len(items) // cfg.batch_size)
     epoch, offset = divmod(index, per_epoch)
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
-    chosen = perm[offset * cfg.batch_size : (offset + 1) * cfg.batch_size].tolist()
+    chosen = _epoch_order(len(items), cfg.seed, epoch)[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
     return [items[i] for i in chosen[rank::world]]
 
 
