@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["record_header"]
+__all__ = ["pct", "record_header"]
 
 
 def record_header(benchmark: str) -> dict[str, Any]:
@@ -22,3 +22,11 @@ def record_header(benchmark: str) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+
+
+def pct(entry: dict[str, Any], point: str) -> str:
+    """``entry[point]`` as a percentage with ``± entry[point + "_std"]`` when there is one; "-" if absent."""
+    if point not in entry:
+        return "-"
+    std = entry.get(f"{point}_std")
+    return f"{100 * entry[point]:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")

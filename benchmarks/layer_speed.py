@@ -81,6 +81,24 @@ def time_step(fn, x, upstream) -> float:
     return time.perf_counter() - t0
 
 
+def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
+    """Interleaved fwd+bwd timings (seconds) of every candidate at the sizes in ``args``."""
+    cands = build(args, dtype)
+    x = torch.randn(args.tokens, args.width, dtype=dtype, requires_grad=True)  # (T, in)
+    upstream = torch.randn(args.tokens, args.width, dtype=dtype)  # (T, out)
+    names = list(cands)
+    for name in names:  # warm-up
+        for _ in range(2):
+            time_step(cands[name], x, upstream)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            x.grad = None
+            times[name].append(time_step(cands[name], x, upstream))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,20 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.width, args.tokens, args.repeats = 256, 256, 3
-    dtype = getattr(torch, args.dtype)
-    cands = build(args, dtype)
-    x = torch.randn(args.tokens, args.width, dtype=dtype, requires_grad=True)
-    upstream = torch.randn(args.tokens, args.width, dtype=dtype)
-    names = list(cands)
-    for name in names:  # warm-up
-        for _ in range(2):
-            time_step(cands[name], x, upstream)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            x.grad = None
-            times[name].append(time_step(cands[name], x, upstream))
+    times = measure(args, getattr(torch, args.dtype))
     med = {n: statistics.median(t) for n, t in times.items()}
     ratios = {
         "riemix_over_base": med["riemix"] / med["base"],
@@ -123,7 +128,7 @@ def main() -> None:
         f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}"
     )
     print(f"{'candidate':<12} {'ms':>9} {'vs base':>9}")
-    for name in names:
+    for name in med:
         print(f"{name:<12} {1e3 * med[name]:9.2f} {med[name] / med['base']:8.2f}x")
     targets = {"riemix_over_base": 1.3, "loop_over_riemix": 8.0, "riemix_over_peft_lora": 1.1}
     for key, value in ratios.items():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from _common import pct
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -61,10 +63,13 @@ def layer_section(rec: dict) -> list[str]:
     lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
     targets = {"riemix_over_base": "<= 1.3", "loop_over_riemix": ">= 8", "riemix_over_peft_lora": "<= 1.1"}
     lines += [f"| {k} | {v:.2f} | {targets.get(k, '')} |" for k, v in rec["ratios"].items()]
-    lines += ["", f"No adapter can beat the frozen base, so loop/riemix is bounded by loop/base = "
-                  f"{med['loop'] / med['base']:.2f} on this shape: the >= 8x target is out of reach here whatever the "
-                  "adapter costs (the loop's own overhead over the base is "
-                  f"{(med['loop'] - med['base']) / max(med['riemix'] - med['base'], 1e-9):.0f}x riemix's)."]
+    lines += [
+        "",
+        f"No adapter can beat the frozen base, so loop/riemix is bounded by loop/base = "
+        f"{med['loop'] / med['base']:.2f} on this shape: the >= 8x target is out of reach here whatever the "
+        "adapter costs (the loop's own overhead over the base is "
+        f"{(med['loop'] - med['base']) / max(med['riemix'] - med['base'], 1e-9):.0f}x riemix's).",
+    ]
     _bar(IMG / "layer_speed.png", list(med), [1e3 * t for t in med.values()], "MoE-LoRA layer fwd+bwd", "ms")
     return lines + ["", "![layer speed](img/layer_speed.png)", ""]
 
@@ -106,9 +111,7 @@ def e2e_section(rec: dict) -> list[str]:
     ]
     for n, v in tps.items():
         m = mem.get(n, {}).get("peak_rss_growth_mib")
-        lines.append(
-            f"| {n} | {v:.0f} | {v / tps['peft_lora_r16']:.2f} | {'' if m is None else f'{m:.0f}'} |"
-        )
+        lines.append(f"| {n} | {v:.0f} | {v / tps['peft_lora_r16']:.2f} | {'' if m is None else f'{m:.0f}'} |")
     lines += [
         "",
         f"MixLoRA: {rec['mixlora']}",
@@ -153,9 +156,108 @@ def tune_section(rec: dict) -> list[str]:
         "| lr | held-out accuracy | train seconds |",
         "|---:|---:|---:|",
     ]
-    lines += [
-        f"| {r['lr']:.0e} | {r['heldout_accuracy']:.4f} | {r['train_seconds']:.0f} |" for r in rec["runs"]
+    lines += [f"| {r['lr']:.0e} | {r['heldout_accuracy']:.4f} | {r['train_seconds']:.0f} |" for r in rec["runs"]]
+    return lines + [""]
+
+
+#: (treatment, control) pairs whose differences the quality tables report
+QUALITY_PAIRS = [
+    ("rsgd", "sgd"),
+    ("grsgd_p0.5", "rsgd"),
+    ("grsgd_p0", "rsgd"),
+    ("grsgd_p0", "grsgd_p0.5"),
+    ("radamw", "adamw"),
+    ("gradamw_p0.5", "radamw"),
+    ("gradamw_p0", "radamw"),
+    ("gradamw_p0", "gradamw_p0.5"),
+    ("gradamw_p0.5", "peft_adamw"),
+]
+
+
+def _difference(a: dict, b: dict, n: int) -> tuple[float, float, bool] | None:
+    """Mean final difference a - b over shared seeds, its noise scale, and whether it is within noise.
+
+    Noise is the larger of the seed-to-seed std of the paired difference and the binomial standard
+    error of a difference of two accuracies on ``n`` examples; "within noise" means |diff| < 2 noise.
+    """
+    pairs = [
+        (x, y)
+        for sx, x in zip(a["seeds"], a["final_all"], strict=False)
+        for sy, y in zip(b["seeds"], b["final_all"], strict=False)
+        if sx == sy
     ]
+    if not pairs:
+        return None
+    diffs = [x - y for x, y in pairs]
+    mean = sum(diffs) / len(diffs)
+    p = (a["final"] + b["final"]) / 2
+    binom = (2 * p * (1 - p) / n) ** 0.5
+    seed_sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+    noise = max(binom, seed_sd)
+    return mean, noise, abs(mean) < 2 * noise
+
+
+def quality_section(name: str, rec: dict) -> list[str]:
+    a, summ = rec["args"], rec.get("summary", {})
+    form = {"head": "classification head", "labelwords": "label words"}.get(rec.get("formulation"), a["format"])
+    title = f"{a['task']} ({form}), {a['model']}"
+    lines = [
+        f"### {title}",
+        "",
+        f"`benchmarks/quality_compare.py --task {a['task']} --model {a['model']}` ({_machine(rec)}): "
+        f"{a['steps']} steps x batch {a['batch_size']}, linear decay, same batches for every candidate; "
+        f"scores on a fixed {a['eval_subset']}-example subset of the reported split after {a['early_step']} steps "
+        f"and at the end; mean ± std over seeds. Learning rates were swept on a held-out 10% of train "
+        f"({a['sweep_steps']} steps, {a['sweep_subset']} held-out examples); the gated variants use their "
+        "family's choice.",
+        "",
+        f"| candidate | lr | @{a['early_step']} steps | end | trainable params | seeds |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for cand, e in summ.items():
+        lr = "-" if cand == "zero_shot" else f"{e['lr']:.0e}"
+        params = e.get("trainable_params") or 0
+        lines.append(
+            f"| {cand} | {lr} | {pct(e, 'early')} | {pct(e, 'final')} | {params:,} | "
+            f"{', '.join(map(str, e['seeds']))} |"
+        )
+    diffs = []
+    for t, c in QUALITY_PAIRS:
+        if t in summ and c in summ and "final_all" in summ[t] and "final_all" in summ[c]:
+            d = _difference(summ[t], summ[c], a["eval_subset"])
+            if d is not None:
+                diffs.append(
+                    f"| {t} − {c} | {100 * d[0]:+.2f} | {100 * d[1]:.2f} | "
+                    f"{'within noise' if d[2] else 'beyond noise'} |"
+                )
+    if diffs:
+        lines += [
+            "",
+            "| difference (end, points) | mean | noise (1 sd) | verdict (2 sd) |",
+            "|---|---:|---:|---|",
+            *diffs,
+        ]
+    sweep = sorted((r for r in rec["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"]))
+    if sweep:
+        lines += [
+            "",
+            "<details><summary>learning-rate sweep (held-out train)</summary>",
+            "",
+            "| family | lr | held-out score |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {r['candidate']} | {r['lr']:.0e} | {100 * r['final']:.2f} |" for r in sweep]
+        lines += [
+            "",
+            f"Chosen: {', '.join(f'{k} {v:g}' for k, v in rec.get('chosen_lr', {}).items())}.",
+            "",
+            "</details>",
+        ]
+    trained = {c: e for c, e in summ.items() if "final" in e}
+    if trained:
+        img = f"{name.removesuffix('.json')}.png"
+        _bar(IMG / img, list(trained), [100 * e["final"] for e in trained.values()], title, "score at end (%)")
+        lines += ["", f"![{title}](img/{img})"]
     return lines + [""]
 
 
@@ -179,8 +281,25 @@ def main() -> None:
         rec = _load(name)
         if rec is not None:
             out += fn(rec)
-    out += ["## Expert-collapse evidence", "", "See [diagnostics.md](diagnostics.md) "
-            "(`benchmarks/balance_evidence.py`, `benchmarks/results/balance_evidence.json`).", ""]
+    quality = sorted(p.name for p in RESULTS.glob("quality_*.json") if not p.name.endswith("_quick.json"))
+    if quality:
+        out += [
+            "## Quality: the paper's optimizer comparisons at small scale",
+            "",
+            "A difference is flagged *within noise* when it is smaller than twice the larger of the seed-to-seed "
+            "std of the paired difference and the binomial standard error of a difference of two accuracies on "
+            "the evaluated subset.",
+            "",
+        ]
+        for name in quality:
+            out += quality_section(name, _load(name))
+    out += [
+        "## Expert-collapse evidence",
+        "",
+        "See [diagnostics.md](diagnostics.md) "
+        "(`benchmarks/balance_evidence.py`, `benchmarks/results/balance_evidence.json`).",
+        "",
+    ]
     DOC.write_text("\n".join(out) + "\n")
     print(f"wrote {DOC}")
 

@@ -1,0 +1,391 @@
+"""Quality of the paper's optimizer comparisons at small scale, on real data, side by side in one run.
+
+Candidates (same model, data, batches, steps, batch size and linear-decay schedule for all; riemix runs use
+the default MoE-LoRA adapter E=8 / top-2 / r=4 on q/k/v/o unless ``--adapter`` overrides it):
+
+==================  =========================================================================
+``sgd``             MoE-LoRA + plain SGD                  (gate power p=1: plain MoE-LoRA)
+``rsgd``            MoE-LoRA + RiemannianSGD              (p=1)
+``grsgd_p0.5``      MoE-LoRA + RiemannianSGD              (p=0.5, the paper's sqrt rescaling)
+``grsgd_p0``        MoE-LoRA + RiemannianSGD              (p=0, the paper's eq. 12)
+``adamw``           MoE-LoRA + plain AdamW                (p=1)
+``radamw``          MoE-LoRA + RiemannianAdamW            (p=1)
+``gradamw_p0.5``    MoE-LoRA + RiemannianAdamW            (p=0.5)
+``gradamw_p0``      MoE-LoRA + RiemannianAdamW            (p=0)
+``peft_adamw``      PEFT LoRA, rank = E*r (comparable trainable parameters) + torch AdamW
+==================  =========================================================================
+
+Learning rates are tuned honestly: each *family* (``sgd``; ``rsgd`` and its gated variants; ``adamw``;
+``radamw`` and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
+split (``Dataset.split(0.9, seed=0)``), training on the other 90% for ``--sweep-steps``; the family's
+base member (p=1) is swept and the gated members use its learning rate, as in the paper. The reported
+split (dev/test) is never used for choosing. Final runs train on the full train split, and report
+accuracy (the task's primary metric) on a fixed subset of the reported split after ``--early-step``
+steps and at the end, for each seed.
+
+Runs go to ``--workers`` processes with one thread each (pinned to one core each where possible).
+Results are written after every finished run to
+``benchmarks/results/quality_<model>_<task>_<cloze|letter|labelwords|head>.json``;
+re-running the same command skips runs already there, so an interrupted comparison resumes.
+
+    python benchmarks/quality_compare.py --task commonsense_qa --data-dir ../shared/data
+    python benchmarks/quality_compare.py --task commonsense_qa --quick           # smoke run
+    python benchmarks/quality_compare.py --task commonsense_qa --summary          # re-print the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from _common import pct, record_header
+
+RESULTS = Path(__file__).parent / "results"
+
+#: candidate -> (family, optimizer name or "peft", gate_grad_power)
+CANDIDATES: dict[str, tuple[str, str, float]] = {
+    "sgd": ("sgd", "sgd", 1.0),
+    "rsgd": ("rsgd", "rsgd", 1.0),
+    "grsgd_p0.5": ("rsgd", "rsgd", 0.5),
+    "grsgd_p0": ("rsgd", "rsgd", 0.0),
+    "adamw": ("adamw", "adamw", 1.0),
+    "radamw": ("radamw", "radamw", 1.0),
+    "gradamw_p0.5": ("radamw", "radamw", 0.5),
+    "gradamw_p0": ("radamw", "radamw", 0.0),
+    "peft_adamw": ("peft_adamw", "peft", 1.0),
+}
+#: learning-rate grid swept per family (the base member is swept; gated members inherit its choice)
+LR_GRID: dict[str, list[float]] = {
+    "sgd": [0.03, 0.1, 0.3, 1.0],
+    "rsgd": [0.003, 0.01, 0.03, 0.1],
+    "adamw": [3e-4, 1e-3, 3e-3],
+    "radamw": [3e-4, 1e-3, 3e-3],
+    "peft_adamw": [1e-4, 3e-4, 1e-3],
+}
+FAMILY_BASE = {"sgd": "sgd", "rsgd": "rsgd", "adamw": "adamw", "radamw": "radamw", "peft_adamw": "peft_adamw"}
+ADAPTER = {
+    "num_experts": 8,
+    "top_k": 2,
+    "rank": 4,
+    "alpha": 16.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def _init_worker(cores: list[int], counter) -> None:
+    """One thread per worker, each worker pinned to its own core (when the platform allows it)."""
+    import torch
+
+    torch.set_num_threads(1)
+    with counter.get_lock():
+        slot = counter.value
+        counter.value += 1
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cores[slot % len(cores)]})
+
+
+def _data(job: dict):
+    from riemix.data import load_dataset
+
+    train = load_dataset(job["task"], "train", job["data_dir"])
+    if job["stage"] == "sweep":
+        train, held = train.split(0.9, seed=0)
+        return train, held.subset(min(job["eval_subset"], len(held)), seed=0)
+    dev = load_dataset(job["task"], "dev", job["data_dir"])
+    return train, dev.subset(min(job["eval_subset"], len(dev)), seed=0)
+
+
+def _build(job: dict):
+    """Model (adapted), tokenizer, optimizer and trainable-parameter count for one candidate."""
+    import torch
+
+    from riemix.config import MoELoRAConfig
+    from riemix.models import load_model
+    from riemix.optim import build_optimizer
+    from riemix.tuner import add_moe_lora
+
+    num_labels = job.get("num_labels")
+    model, tok = load_model(job["model"], task=job["model_kind"], num_labels=num_labels)
+    if job["candidate"] == "zero_shot":
+        return model, tok, None, 0
+    family, opt_name, power = CANDIDATES[job["candidate"]]
+    adapter = {**ADAPTER, **job["adapter"]}
+    if opt_name == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        rank = adapter["num_experts"] * adapter["rank"]
+        model = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=adapter["target_modules"])
+        ).base_model.model
+    else:
+        add_moe_lora(model, MoELoRAConfig(**adapter, gate_grad_power=power))
+    if job["model_kind"] == "sequence_classification":
+        from riemix.train import HEAD_NAMES
+
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+                module.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if opt_name == "peft":
+        opt = torch.optim.AdamW(trainable, lr=job["lr"], weight_decay=0.0, foreach=True)
+    else:
+        opt = build_optimizer(model, opt_name, lr=job["lr"], gate_max_grad_norm=1.0)
+    return model, tok, opt, sum(p.numel() for p in trainable)
+
+
+def run_job(job: dict) -> dict:
+    """Train one (stage, candidate, lr, seed) and evaluate it; returns the result row."""
+    import torch
+
+    from riemix.evaluate import evaluate
+    from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
+    from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
+
+    t0 = time.time()
+    train_ds, eval_ds = _data(job)
+    seq = job["model_kind"] == "sequence_classification"
+    if seq:
+        job["num_labels"] = 1 if train_ds.task == "regression" else train_ds.num_labels
+    _seed_everything(job["seed"])
+    model, tok, opt, n_trainable = _build(job)
+    spec = TaskSpec.for_dataset(train_ds, job["model_kind"], format=job["format"])
+    tm = TaskModel(model, job["model_kind"])
+    row = {k: job[k] for k in ("stage", "candidate", "lr", "seed", "steps")}
+    row["trainable_params"] = n_trainable
+
+    def score() -> float:
+        metrics = evaluate(tm, eval_ds, spec, tok, job["eval_batch_size"])
+        return metrics[eval_ds.metric] if eval_ds.metric in metrics else next(iter(metrics.values()))
+
+    if job["candidate"] == "zero_shot":
+        return {**row, "final": score(), "seconds": time.time() - t0}
+    cfg = TrainConfig(batch_size=job["batch_size"], seed=job["seed"], max_steps=job["steps"])
+    items = (
+        [(train_ds, ex) for ex in train_ds.examples]
+        if seq
+        else [encode_train(ex, spec, tok) for ex in train_ds.examples]
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, job["steps"]))
+    losses, t_train = [], 0.0
+    tm.train()
+    for step in range(job["steps"]):
+        chunk = _batch_at(items, step, cfg, 0, 1)
+        if seq:
+            batch = collate_encoder([ex for _, ex in chunk], tok, spec.max_length, train_ds.task == "regression")
+        else:
+            batch = collate_lm(chunk, tok.pad_token_id)
+        ts = time.time()
+        loss = tm(batch)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        t_train += time.time() - ts
+        losses.append(loss.item())
+        if not losses[-1] == losses[-1]:  # NaN: diverged, stop early and report it
+            row["diverged_at"] = step
+            break
+        if job["early_step"] and step + 1 == job["early_step"] and job["early_step"] < job["steps"]:
+            row["early"] = score()
+    row["final"] = float("nan") if "diverged_at" in row else score()
+    if job["early_step"] == job["steps"]:
+        row["early"] = row["final"]
+    tail = losses[-10:]
+    row.update(final_loss=sum(tail) / len(tail), train_seconds=t_train, seconds=time.time() - t0)
+    return row
+
+
+def _key(row: dict) -> str:
+    return f"{row['stage']}|{row['candidate']}|{row['lr']:g}|{row['seed']}"
+
+
+def choose_lrs(rows: list[dict]) -> dict[str, float]:
+    """Per family, the swept learning rate with the best held-out score (ties: the smaller lr)."""
+    chosen = {}
+    for family, base in FAMILY_BASE.items():
+        cands = [r for r in rows if r["stage"] == "sweep" and r["candidate"] == base]
+        ok = [r for r in cands if r["final"] == r["final"]]
+        if ok:
+            chosen[family] = max(ok, key=lambda r: (r["final"], -r["lr"]))["lr"]
+    return chosen
+
+
+def summarize(record: dict) -> dict[str, dict[str, Any]]:
+    """Mean / std (over seeds) of the early and final scores per candidate."""
+    out: dict[str, dict[str, Any]] = {}
+    for cand in ["zero_shot", *CANDIDATES]:
+        rows = [r for r in record["runs"] if r["stage"] == "final" and r["candidate"] == cand]
+        if not rows:
+            continue
+        entry: dict[str, Any] = {"seeds": sorted(r["seed"] for r in rows), "lr": rows[0]["lr"]}
+        for point in ("early", "final"):
+            vals = [r[point] for r in rows if point in r]
+            if vals:
+                entry[point] = statistics.fmean(vals)
+                entry[f"{point}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+                entry[f"{point}_all"] = vals
+        entry["trainable_params"] = rows[0].get("trainable_params")
+        out[cand] = entry
+    return out
+
+
+def print_tables(record: dict) -> None:
+    a = record["args"]
+    form = record.get("formulation", a["format"])
+    print(f"\n{a['task']} ({form}), {a['model']}: sweep on held-out train ({a['sweep_steps']} steps)")
+    print(f"{'candidate':<14} {'lr':>8} {'held-out':>9}")
+    for r in sorted((r for r in record["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"])):
+        print(f"{r['candidate']:<14} {r['lr']:8.0e} {r['final']:9.4f}")
+    print(f"chosen: {record.get('chosen_lr')}")
+    print(f"\nreported split subset ({a['eval_subset']}), {a['steps']} steps x batch {a['batch_size']}")
+    print(f"{'candidate':<14} {'lr':>8} {'@' + str(a['early_step']):>15} {'end':>15} {'params':>9} seeds")
+    for cand, e in record.get("summary", {}).items():
+        early, final, params = pct(e, "early"), pct(e, "final"), e["trainable_params"] or 0
+        print(f"{cand:<14} {e['lr']:8.0e} {early:>15} {final:>15} {params:9d} {e['seeds']}")
+
+
+def _atomic_write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="commonsense_qa")
+    parser.add_argument("--format", default="cloze", choices=["cloze", "letter"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model-kind", default="causal_lm", choices=["causal_lm", "sequence_classification"])
+    parser.add_argument("--data-dir", default=os.environ.get("RIEMIX_DATA_DIR"))
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--adapter", type=json.loads, default={}, help="JSON overrides, e.g. '{\"rank\": 8}'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--early-step", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-subset", type=int, default=250)
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--sweep-steps", type=int, default=60)
+    parser.add_argument("--sweep-subset", type=int, default=200)
+    parser.add_argument("--lr", type=json.loads, default={}, help="fixed lr per family (skips its sweep)")
+    parser.add_argument("--lr-grid", type=json.loads, default={}, help="grid per family, e.g. '{\"adamw\": [1e-3]}'")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 16 eval examples, 1 lr, 1 seed")
+    parser.add_argument("--summary", action="store_true", help="only re-print the tables of the saved JSON")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.early_step, args.sweep_steps, args.seeds = 4, 2, 2, [0]
+        args.eval_subset = args.sweep_subset = 16
+    from riemix.data import load_dataset
+
+    task_type = load_dataset(args.task, "dev", args.data_dir).task
+    formulation = (
+        "head"
+        if args.model_kind == "sequence_classification"
+        else (args.format if task_type == "mcq" else "labelwords")
+    )
+    fmt = formulation
+    stem = f"quality_{args.model}_{args.task.replace('/', '_')}_{fmt}{'_quick' if args.quick else ''}"
+    out = args.out or RESULTS / f"{stem}.json"
+    record = json.loads(out.read_text()) if out.exists() else {}
+    if args.summary:
+        print_tables(record)
+        return
+    arg_rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record = {
+        **record_header("quality_compare"),
+        "args": arg_rec,
+        "formulation": formulation,
+        "runs": record.get("runs", []),
+    }
+    done = {_key(r) for r in record["runs"]}
+    base = {
+        k: getattr(args, k)
+        for k in ("task", "format", "model", "model_kind", "data_dir", "adapter", "eval_batch_size", "batch_size")
+    }
+    families = sorted({CANDIDATES[c][0] for c in args.candidates})
+    sweep_jobs = []
+    for fam in families:
+        if fam in args.lr:
+            continue
+        grid = args.lr_grid.get(fam, LR_GRID[fam])
+        grid = grid[len(grid) // 2 :][:1] if args.quick else grid
+        for lr in grid:
+            sweep_jobs.append(
+                {
+                    **base,
+                    "stage": "sweep",
+                    "candidate": FAMILY_BASE[fam],
+                    "lr": lr,
+                    "seed": 0,
+                    "steps": args.sweep_steps,
+                    "early_step": 0,
+                    "eval_subset": args.sweep_subset,
+                }
+            )
+    ctx = get_context("spawn")
+    counter = ctx.Value("i", 0)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def run_all(jobs: list[dict], pool) -> None:
+        todo = [j for j in jobs if _key(j) not in done]
+        futures = {pool.submit(run_job, j): j for j in todo}
+        for fut in as_completed(futures):
+            row = fut.result()
+            record["runs"].append(row)
+            done.add(_key(row))
+            record["chosen_lr"] = {**choose_lrs(record["runs"]), **args.lr}
+            record["summary"] = summarize(record)
+            _atomic_write(out, record)
+            print(json.dumps(row), flush=True)
+
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(cores, counter)) as pool:
+        run_all(sweep_jobs, pool)
+        chosen = {**choose_lrs(record["runs"]), **args.lr}
+        final_jobs = []
+        if args.model_kind == "causal_lm":  # an encoder's new head is random before training
+            final_jobs.append(
+                {
+                    **base,
+                    "stage": "final",
+                    "candidate": "zero_shot",
+                    "lr": 0.0,
+                    "seed": 0,
+                    "steps": 0,
+                    "early_step": 0,
+                    "eval_subset": args.eval_subset,
+                }
+            )
+        for seed in args.seeds:  # every candidate for one seed before the next seed
+            for cand in args.candidates:
+                final_jobs.append(
+                    {
+                        **base,
+                        "stage": "final",
+                        "candidate": cand,
+                        "lr": chosen[CANDIDATES[cand][0]],
+                        "seed": seed,
+                        "steps": args.steps,
+                        "early_step": args.early_step,
+                        "eval_subset": args.eval_subset,
+                    }
+                )
+        run_all(final_jobs, pool)
+    record["chosen_lr"] = chosen
+    record["summary"] = summarize(record)
+    _atomic_write(out, record)
+    print_tables(record)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
