@@ -218,10 +218,20 @@ def choose_lrs(rows: list[dict]) -> dict[str, float]:
 
 
 def summarize(record: dict) -> dict[str, dict[str, Any]]:
-    """Mean / std (over seeds) of the early and final scores per candidate."""
+    """Mean / std (over seeds) of the early and final scores per candidate, at its family's chosen lr.
+
+    Final runs at another learning rate (from before a sweep was extended and changed the choice) stay in
+    ``record["runs"]`` but are not summarised.
+    """
     out: dict[str, dict[str, Any]] = {}
+    chosen = record.get("chosen_lr", {})
     for cand in ["zero_shot", *CANDIDATES]:
-        rows = [r for r in record["runs"] if r["stage"] == "final" and r["candidate"] == cand]
+        lr = chosen.get(CANDIDATES[cand][0]) if cand in CANDIDATES else None
+        rows = [
+            r
+            for r in record["runs"]
+            if r["stage"] == "final" and r["candidate"] == cand and (lr is None or r["lr"] == lr)
+        ]
         if not rows:
             continue
         entry: dict[str, Any] = {"seeds": sorted(r["seed"] for r in rows), "lr": rows[0]["lr"]}

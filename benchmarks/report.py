@@ -247,9 +247,14 @@ def quality_section(name: str, rec: dict) -> list[str]:
             "|---|---:|---:|",
         ]
         lines += [f"| {r['candidate']} | {r['lr']:.0e} | {100 * r['final']:.2f} |" for r in sweep]
+        chosen = []
+        for fam, lr in rec.get("chosen_lr", {}).items():
+            grid = [r["lr"] for r in sweep if r["candidate"] == fam]
+            edge = len(grid) > 1 and lr in (min(grid), max(grid))
+            chosen.append(f"{fam} {lr:g}" + (" (at the edge of its grid)" if edge else ""))
         lines += [
             "",
-            f"Chosen: {', '.join(f'{k} {v:g}' for k, v in rec.get('chosen_lr', {}).items())}.",
+            f"Chosen: {', '.join(chosen)}.",
             "",
             "</details>",
         ]

@@ -50,6 +50,11 @@ def test_summarize_mean_and_sample_std_over_seeds():
     assert s["rsgd"]["early"] == pytest.approx(0.42)
     assert s["rsgd"]["seeds"] == [0, 1]
     assert s["zero_shot"]["final_std"] is None and "early" not in s["zero_shot"]
+    rec["runs"].append(_row("final", "grsgd_p0", 0.03, 0, 0.9))  # a run at a no-longer-chosen lr
+    rec["runs"].append(_row("final", "grsgd_p0", 0.01, 0, 0.2))
+    rec["chosen_lr"] = {"rsgd": 0.01}
+    s = qc.summarize(rec)
+    assert s["grsgd_p0"]["final_all"] == [0.2] and s["rsgd"]["final"] == pytest.approx(0.55)
 
 
 def test_difference_noise_is_larger_of_seed_sd_and_binomial_se():
