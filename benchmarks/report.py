@@ -74,6 +74,34 @@ def layer_section(rec: dict) -> list[str]:
     return lines + ["", "![layer speed](img/layer_speed.png)", ""]
 
 
+def layer_sweep_section(rec: dict) -> list[str]:
+    b = rec["base_point"]
+    lines = [
+        "### Layer speed across sizes and dtypes",
+        "",
+        f"`benchmarks/layer_sweep.py`: one factor at a time around E={b['experts']}, top-k={b['top_k']}, "
+        f"r={b['rank']}, in=out={b['width']}, {b['tokens']} tokens; median of {rec['repeats']} interleaved repeats "
+        f"({_machine(rec)}). `peft` is PEFT LoRA of rank E·r.",
+        "",
+        "| varied | E | k | r | width | dtype | base ms | riemix/base | loop/riemix | riemix/peft |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for p in rec["points"]:
+        peft = p["riemix_over_peft_lora"]
+        lines.append(
+            f"| {p['varied']} | {p['experts']} | {p['top_k']} | {p['rank']} | {p['width']} | {p['dtype']} | "
+            f"{1e3 * p['median_seconds']['base']:.1f} | {p['riemix_over_base']:.2f} | {p['loop_over_riemix']:.2f} | "
+            f"{'-' if peft is None else f'{peft:.2f}'} |"
+        )
+    return lines + [
+        "",
+        "This CPU has no bf16 matrix units (no AVX512-BF16/AMX), so bf16 matmuls run far slower than fp32 and "
+        "the bf16 rows mostly measure that; they show the layer works in bf16, not how fast it would be on "
+        "bf16 hardware.",
+        "",
+    ]
+
+
 def optimizer_section(rec: dict) -> list[str]:
     a, med = rec["args"], rec["median_seconds"]
     lines = [
@@ -279,6 +307,7 @@ def main() -> None:
         ("default_job_vs_peft.json", default_job_section),
         ("tune_default_job.json", tune_section),
         ("layer_speed_float32.json", layer_section),
+        ("layer_sweep.json", layer_sweep_section),
         ("optimizer_speed.json", optimizer_section),
         ("e2e_throughput.json", e2e_section),
     ]
