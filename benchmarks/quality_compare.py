@@ -70,6 +70,8 @@ LR_GRID: dict[str, list[float]] = {
     "peft_adamw": [1e-4, 3e-4, 1e-3],
 }
 FAMILY_BASE = {"sgd": "sgd", "rsgd": "rsgd", "adamw": "adamw", "radamw": "radamw", "peft_adamw": "peft_adamw"}
+#: options that define the protocol: a results file is only resumed with the same values
+PROTOCOL = ("steps", "early_step", "batch_size", "eval_subset", "sweep_steps", "sweep_subset", "adapter", "format")
 ADAPTER = {
     "num_experts": 8,
     "top_k": 2,
@@ -303,14 +305,20 @@ def main() -> None:
         if args.model_kind == "sequence_classification"
         else (args.format if task_type == "mcq" else "labelwords")
     )
-    fmt = formulation
-    stem = f"quality_{args.model}_{args.task.replace('/', '_')}_{fmt}{'_quick' if args.quick else ''}"
+    stem = f"quality_{args.model}_{args.task.replace('/', '_')}_{formulation}{'_quick' if args.quick else ''}"
     out = args.out or RESULTS / f"{stem}.json"
     record = json.loads(out.read_text()) if out.exists() else {}
     if args.summary:
         print_tables(record)
         return
     arg_rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    changed = [k for k in PROTOCOL if k in record.get("args", {}) and record["args"][k] != arg_rec[k]]
+    if changed:
+        old = ", ".join(f"{k}={record['args'][k]!r}" for k in changed)
+        raise SystemExit(
+            f"{out} holds runs made with other {old}; "
+            "resuming would mix protocols. Pass the same options, or --out for a new file."
+        )
     record = {
         **record_header("quality_compare"),
         "args": arg_rec,
