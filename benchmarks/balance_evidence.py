@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from riemix.fileio import atomic_write_text
+
 VARIANTS = {
     "none": {},
     "load_balance": {"load_balance_coef": 0.1},
@@ -134,9 +136,9 @@ def main() -> None:
         )
     default = "balance_evidence_quick.json" if args.quick else "balance_evidence.json"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / default
-    out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k not in ("runs_dir", "out", "variants")}
-    out.write_text(
+    atomic_write_text(
+        out,
         json.dumps(
             {
                 "setup": setup,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from _common import record_header
 
+from riemix.fileio import atomic_write_text
 from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,14 +114,13 @@ def main() -> None:
             f"zero-shot {r['zero_shot_accuracy']:.4f}; riemix default job wall time {r['wall_seconds']:.0f} s"
         )
     out = RESULTS / "default_job_vs_peft.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() and args.only else {}
     record = {
         **record_header("default_job_vs_peft"),
         "steps": args.steps,
         "results": {**previous.get("results", {}), **rows},
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

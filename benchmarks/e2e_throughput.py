@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from _common import record_header
 
+from riemix.fileio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 CANDIDATES = ("frozen_base", "peft_lora_r16", "riemix_20_10_4", "riemix_8_2_4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -141,7 +143,7 @@ def main() -> None:
         record = json.loads(out.read_text())
         record["memory"] = measure_memory(args.batch_size)
         record["mixlora"] = try_mixlora()
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
         print(json.dumps(record["memory"], indent=2))
         return
     built = {name: build(name) for name in CANDIDATES}
@@ -199,8 +201,7 @@ def main() -> None:
         "mixlora": mixlora,
     }
     out = RESULTS / f"e2e_throughput{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

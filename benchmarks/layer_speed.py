@@ -26,6 +26,7 @@ import torch
 from _common import record_header
 from torch import nn
 
+from riemix.fileio import atomic_write_text
 from riemix.layer import MoELoRALinear
 from riemix.routing import gate_grad_coefficients, route
 
@@ -149,8 +150,7 @@ def main() -> None:
         if args.out
         else RESULTS / f"layer_speed{'_quick' if args.quick else ''}_{args.dtype}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

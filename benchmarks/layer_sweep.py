@@ -21,6 +21,8 @@ import torch
 from _common import record_header
 from layer_speed import measure
 
+from riemix.fileio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 BASE = {"experts": 8, "top_k": 2, "rank": 4, "width": 1024, "tokens": 1024}
 SWEEP = {"experts": [4, 8, 16, 32], "top_k": [1, 2, 4, 8], "rank": [2, 4, 8, 16], "width": [512, 1024, 2048]}
@@ -75,9 +77,8 @@ def main() -> None:
             flush=True,
         )
     out = RESULTS / f"layer_sweep{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {**record_header("layer_sweep"), "base_point": BASE, "repeats": args.repeats, "points": rows}
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -26,6 +26,7 @@ import torch
 from _common import record_header
 from torch import nn
 
+from riemix.fileio import atomic_write_text
 from riemix.optim import RiemannianAdamW, RiemannianSGD
 
 RESULTS = Path(__file__).parent / "results"
@@ -157,8 +158,7 @@ def main() -> None:
         "ratios": ratios,
     }
     out = RESULTS / f"optimizer_speed{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -47,6 +47,8 @@ from typing import Any
 
 from _common import pct, record_header
 
+from riemix.fileio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 
 #: candidate -> (family, optimizer name or "peft", gate_grad_power)
@@ -263,13 +265,6 @@ def print_tables(record: dict) -> None:
         print(f"{cand:<14} {e['lr']:8.0e} {early:>15} {final:>15} {params:9d} {e['seeds']}")
 
 
-def _atomic_write(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="commonsense_qa")
@@ -363,7 +358,7 @@ def main() -> None:
             done.add(_key(row))
             record["chosen_lr"] = {**choose_lrs(record["runs"]), **args.lr}
             record["summary"] = summarize(record)
-            _atomic_write(out, record)
+            atomic_write_text(out, json.dumps(record, indent=2) + "\n")
             print(json.dumps(row), flush=True)
 
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(cores, counter)) as pool:
@@ -400,7 +395,7 @@ def main() -> None:
         run_all(final_jobs, pool)
     record["chosen_lr"] = chosen
     record["summary"] = summarize(record)
-    _atomic_write(out, record)
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print_tables(record)
     print(f"wrote {out}")
 

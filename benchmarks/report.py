@@ -12,6 +12,8 @@ from pathlib import Path
 
 from _common import pct
 
+from riemix.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -334,7 +336,7 @@ def main() -> None:
         "(`benchmarks/balance_evidence.py`, `benchmarks/results/balance_evidence.json`).",
         "",
     ]
-    DOC.write_text("\n".join(out) + "\n")
+    atomic_write_text(DOC, "\n".join(out) + "\n")
     print(f"wrote {DOC}")
 
 

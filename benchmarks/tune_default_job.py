@@ -19,6 +19,7 @@ import torch
 from riemix.config import MoELoRAConfig
 from riemix.data import load_dataset
 from riemix.evaluate import evaluate
+from riemix.fileio import atomic_write_text
 from riemix.models import load_model
 from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
@@ -70,8 +71,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['lr']:8.0e} {r['heldout_accuracy']:13.4f} {r['train_seconds']:8.0f}")
     out = Path(__file__).parent / "results" / "tune_default_job.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
+    atomic_write_text(
+        out,
         json.dumps(
             {
                 "adapter": cfg.adapter,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from _common import record_header
 
+from riemix.fileio import atomic_write_text
+
 RESULTS = Path(__file__).parent / "results"
 TASKS = ["commonsense_qa", "openbookqa", "arc_easy", "scienceqa"]
 
@@ -58,8 +60,8 @@ def main() -> None:
     for task, r in rows.items():
         print(f"{task:<16} {r['examples']:5d} {r['chance']:7.3f} {r['cloze']:7.3f} {r['letter']:7.3f}")
     out = RESULTS / f"zero_shot_formats{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**record_header("zero_shot_formats"), "model": args.model, "tasks": rows}, indent=2))
+    record = {**record_header("zero_shot_formats"), "model": args.model, "tasks": rows}
+    atomic_write_text(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 
