@@ -265,6 +265,21 @@ def print_tables(record: dict) -> None:
         print(f"{cand:<14} {e['lr']:8.0e} {early:>15} {final:>15} {params:9d} {e['seeds']}")
 
 
+def check_protocol(record: dict, arg_rec: dict, out: Path) -> None:
+    """Refuse to resume ``record`` (loaded from ``out``) with options that change the protocol.
+
+    Raises:
+        SystemExit: naming the file and the saved values that differ.
+    """
+    changed = [k for k in PROTOCOL if k in record.get("args", {}) and record["args"][k] != arg_rec[k]]
+    if changed:
+        old = ", ".join(f"{k}={record['args'][k]!r}" for k in changed)
+        raise SystemExit(
+            f"{out} holds runs made with other {old}; "
+            "resuming would mix protocols. Pass the same options, or --out for a new file."
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="commonsense_qa")
@@ -307,13 +322,7 @@ def main() -> None:
         print_tables(record)
         return
     arg_rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    changed = [k for k in PROTOCOL if k in record.get("args", {}) and record["args"][k] != arg_rec[k]]
-    if changed:
-        old = ", ".join(f"{k}={record['args'][k]!r}" for k in changed)
-        raise SystemExit(
-            f"{out} holds runs made with other {old}; "
-            "resuming would mix protocols. Pass the same options, or --out for a new file."
-        )
+    check_protocol(record, arg_rec, out)
     record = {
         **record_header("quality_compare"),
         "args": arg_rec,

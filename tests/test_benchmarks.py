@@ -72,6 +72,14 @@ def test_difference_noise_is_larger_of_seed_sd_and_binomial_se():
     assert report._difference(a, {"seeds": [5], "final_all": [0.1], "final": 0.1}, n=100) is None
 
 
+def test_check_protocol_refuses_to_mix_protocols():
+    saved = {"args": {"steps": 150, "batch_size": 8, "adapter": {}, "data_dir": "a"}}
+    qc.check_protocol(saved, {"steps": 150, "batch_size": 8, "adapter": {}, "data_dir": "b"}, Path("r.json"))
+    with pytest.raises(SystemExit, match=r"r.json holds runs made with other steps=150; resuming would mix"):
+        qc.check_protocol(saved, {"steps": 10, "batch_size": 8, "adapter": {}, "data_dir": "a"}, Path("r.json"))
+    qc.check_protocol({}, {"steps": 10}, Path("new.json"))  # a new file has nothing to mix with
+
+
 @pytest.mark.parametrize("candidate", ["grsgd_p0", "peft_adamw"])
 def test_run_job_trains_and_scores_a_tiny_model(tmp_path, candidate):
     model_dir = save_tiny_model_dir(tmp_path)
