@@ -12,16 +12,22 @@ the default MoE-LoRA adapter E=8 / top-2 / r=4 on q/k/v/o unless ``--adapter`` o
 ``radamw``          MoE-LoRA + RiemannianAdamW            (p=1)
 ``gradamw_p0.5``    MoE-LoRA + RiemannianAdamW            (p=0.5)
 ``gradamw_p0``      MoE-LoRA + RiemannianAdamW            (p=0)
+``grsgd_p0.5_ownlr`` as ``grsgd_p0.5``, but with a learning-rate sweep of its own
+``grsgd_p0_ownlr``   as ``grsgd_p0``, but with a learning-rate sweep of its own
 ``peft_adamw``      PEFT LoRA, rank = E*r (comparable trainable parameters) + torch AdamW
 ==================  =========================================================================
 
 Learning rates are tuned honestly: each *family* (``sgd``; ``rsgd`` and its gated variants; ``adamw``;
 ``radamw`` and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
 split (``Dataset.split(0.9, seed=0)``), training on the other 90% for ``--sweep-steps``; the family's
-base member (p=1) is swept and the gated members use its learning rate, as in the paper. The reported
+base member (p=1) is swept and the gated members use its learning rate, as in the paper (the ``_ownlr``
+candidates are their own family, so they get their own sweep: gate rescaling changes the effective step
+size, so the best learning rate can move). The reported
 split (dev/test) is never used for choosing. Final runs train on the full train split, and report
 accuracy (the task's primary metric) on a fixed subset of the reported split after ``--early-step``
-steps and at the end, for each seed.
+steps and at the end, for each seed. For scored tasks each run also stores which evaluated examples it
+got right (``early_hits`` / ``final_hits``, a string of 0/1 in the subset's order), so two candidates can be
+compared paired (McNemar) on the same examples.
 
 Runs go to ``--workers`` processes with one thread each (pinned to one core each where possible).
 Results are written after every finished run to
@@ -61,6 +67,8 @@ CANDIDATES: dict[str, tuple[str, str, float]] = {
     "radamw": ("radamw", "radamw", 1.0),
     "gradamw_p0.5": ("radamw", "radamw", 0.5),
     "gradamw_p0": ("radamw", "radamw", 0.0),
+    "grsgd_p0.5_ownlr": ("grsgd_p0.5_ownlr", "rsgd", 0.5),
+    "grsgd_p0_ownlr": ("grsgd_p0_ownlr", "rsgd", 0.0),
     "peft_adamw": ("peft_adamw", "peft", 1.0),
 }
 #: learning-rate grid swept per family (the base member is swept; gated members inherit its choice)
@@ -69,11 +77,24 @@ LR_GRID: dict[str, list[float]] = {
     "rsgd": [0.003, 0.01, 0.03, 0.1],
     "adamw": [3e-4, 1e-3, 3e-3],
     "radamw": [3e-4, 1e-3, 3e-3],
+    "grsgd_p0.5_ownlr": [3e-4, 1e-3, 3e-3],
+    "grsgd_p0_ownlr": [3e-4, 1e-3, 3e-3],
     "peft_adamw": [1e-4, 3e-4, 1e-3],
 }
-FAMILY_BASE = {"sgd": "sgd", "rsgd": "rsgd", "adamw": "adamw", "radamw": "radamw", "peft_adamw": "peft_adamw"}
+#: family -> the candidate whose sweep picks the family's learning rate
+FAMILY_BASE = {fam: fam for fam in LR_GRID}
 #: options that define the protocol: a results file is only resumed with the same values
-PROTOCOL = ("steps", "early_step", "batch_size", "eval_subset", "sweep_steps", "sweep_subset", "adapter", "format")
+PROTOCOL = (
+    "steps",
+    "early_step",
+    "batch_size",
+    "eval_subset",
+    "sweep_steps",
+    "sweep_subset",
+    "adapter",
+    "format",
+    "max_length",
+)
 ADAPTER = {
     "num_experts": 8,
     "top_k": 2,
@@ -148,7 +169,8 @@ def run_job(job: dict) -> dict:
     """Train one (stage, candidate, lr, seed) and evaluate it; returns the result row."""
     import torch
 
-    from riemix.evaluate import evaluate
+    from riemix.evaluate import predict
+    from riemix.metrics import compute_metrics
     from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
     from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
 
@@ -159,17 +181,22 @@ def run_job(job: dict) -> dict:
         job["num_labels"] = 1 if train_ds.task == "regression" else train_ds.num_labels
     _seed_everything(job["seed"])
     model, tok, opt, n_trainable = _build(job)
-    spec = TaskSpec.for_dataset(train_ds, job["model_kind"], format=job["format"])
+    overrides = {"max_length": job["max_length"]} if job.get("max_length") else {}
+    spec = TaskSpec.for_dataset(train_ds, job["model_kind"], format=job["format"], **overrides)
     tm = TaskModel(model, job["model_kind"])
     row = {k: job[k] for k in ("stage", "candidate", "lr", "seed", "steps")}
     row["trainable_params"] = n_trainable
 
-    def score() -> float:
-        metrics = evaluate(tm, eval_ds, spec, tok, job["eval_batch_size"])
-        return metrics[eval_ds.metric] if eval_ds.metric in metrics else next(iter(metrics.values()))
+    def score(point: str) -> None:
+        preds = predict(tm, eval_ds, spec, tok, job["eval_batch_size"])["preds"]
+        metrics = compute_metrics(eval_ds.metric, preds, eval_ds.targets())
+        row[point] = metrics[eval_ds.metric] if eval_ds.metric in metrics else next(iter(metrics.values()))
+        if eval_ds.task != "regression":
+            row[f"{point}_hits"] = hits_string(preds, eval_ds.targets())
 
     if job["candidate"] == "zero_shot":
-        return {**row, "final": score(), "seconds": time.time() - t0}
+        score("final")
+        return {**row, "seconds": time.time() - t0}
     cfg = TrainConfig(batch_size=job["batch_size"], seed=job["seed"], max_steps=job["steps"])
     items = (
         [(train_ds, ex) for ex in train_ds.examples]
@@ -197,13 +224,21 @@ def run_job(job: dict) -> dict:
             row["diverged_at"] = step
             break
         if job["early_step"] and step + 1 == job["early_step"] and job["early_step"] < job["steps"]:
-            row["early"] = score()
-    row["final"] = float("nan") if "diverged_at" in row else score()
+            score("early")
+    if "diverged_at" in row:
+        row["final"] = float("nan")
+    else:
+        score("final")
     if job["early_step"] == job["steps"]:
         row["early"] = row["final"]
     tail = losses[-10:]
     row.update(final_loss=sum(tail) / len(tail), train_seconds=t_train, seconds=time.time() - t0)
     return row
+
+
+def hits_string(preds, targets) -> str:
+    """Per-example correctness as a compact string: ``"1"`` where ``preds[i] == targets[i]``, else ``"0"``."""
+    return "".join("1" if int(p) == int(t) else "0" for p, t in zip(preds, targets, strict=True))
 
 
 def _key(row: dict) -> str:
@@ -295,6 +330,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-subset", type=int, default=250)
     parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None, help="token budget per sequence (task default)")
     parser.add_argument("--sweep-steps", type=int, default=60)
     parser.add_argument("--sweep-subset", type=int, default=200)
     parser.add_argument("--lr", type=json.loads, default={}, help="fixed lr per family (skips its sweep)")
@@ -332,7 +368,17 @@ def main() -> None:
     done = {_key(r) for r in record["runs"]}
     base = {
         k: getattr(args, k)
-        for k in ("task", "format", "model", "model_kind", "data_dir", "adapter", "eval_batch_size", "batch_size")
+        for k in (
+            "task",
+            "format",
+            "model",
+            "model_kind",
+            "data_dir",
+            "adapter",
+            "eval_batch_size",
+            "batch_size",
+            "max_length",
+        )
     }
     families = sorted({CANDIDATES[c][0] for c in args.candidates})
     sweep_jobs = []

@@ -8,6 +8,7 @@ Every number in the document comes from a committed JSON file, so the docs can b
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from _common import pct
@@ -153,6 +154,10 @@ def e2e_section(rec: dict) -> list[str]:
     return lines + ["![throughput](img/e2e_throughput.png)", ""]
 
 
+def _lrs(lrs: dict[str, float]) -> str:
+    return ", ".join(f"{fam} {lr:g}" for fam, lr in lrs.items())
+
+
 def default_job_section(rec: dict) -> list[str]:
     res = rec["results"]
     lines = [
@@ -196,6 +201,8 @@ QUALITY_PAIRS = [
     ("grsgd_p0.5", "rsgd"),
     ("grsgd_p0", "rsgd"),
     ("grsgd_p0", "grsgd_p0.5"),
+    ("grsgd_p0.5_ownlr", "rsgd"),
+    ("grsgd_p0_ownlr", "rsgd"),
     ("radamw", "adamw"),
     ("gradamw_p0.5", "radamw"),
     ("gradamw_p0", "radamw"),
@@ -227,6 +234,42 @@ def _difference(a: dict, b: dict, n: int) -> tuple[float, float, bool] | None:
     return mean, noise, abs(mean) < 2 * noise
 
 
+def mcnemar_p(hits_a: str, hits_b: str) -> float:
+    """Exact two-sided McNemar p-value of two classifiers' per-example correctness on the same examples.
+
+    Args:
+        hits_a: ``"1"``/``"0"`` per example for the first classifier.
+        hits_b: the same for the second, in the same order.
+
+    Returns:
+        ``P(|discordant split| at least as uneven as observed)`` under a fair coin; 1.0 with no discordance.
+    """
+    if len(hits_a) != len(hits_b):
+        raise ValueError(f"hits differ in length: {len(hits_a)} vs {len(hits_b)}")
+    only_a = sum(x == "1" and y == "0" for x, y in zip(hits_a, hits_b, strict=True))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(hits_a, hits_b, strict=True))
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _paired_p(rec: dict, a: str, b: str) -> list[float]:
+    """McNemar p per shared seed of the final runs of candidates ``a`` and ``b`` at their reported lr."""
+    summ = rec["summary"]
+
+    def hits(cand: str) -> dict[int, str]:
+        return {
+            r["seed"]: r["final_hits"]
+            for r in rec["runs"]
+            if r["stage"] == "final" and r["candidate"] == cand and r["lr"] == summ[cand]["lr"] and "final_hits" in r
+        }
+
+    ha, hb = hits(a), hits(b)
+    return [mcnemar_p(ha[s], hb[s]) for s in sorted(ha.keys() & hb.keys())]
+
+
 def quality_section(name: str, rec: dict) -> list[str]:
     a, summ = rec["args"], rec.get("summary", {})
     form = {"head": "classification head", "labelwords": "label words"}.get(rec.get("formulation"), a["format"])
@@ -239,7 +282,8 @@ def quality_section(name: str, rec: dict) -> list[str]:
         f"scores on a fixed {a['eval_subset']}-example subset of the reported split after {a['early_step']} steps "
         f"and at the end; mean ± std over seeds. Learning rates were swept on a held-out 10% of train "
         f"({a['sweep_steps']} steps, {a['sweep_subset']} held-out examples); the gated variants use their "
-        "family's choice.",
+        "family's choice, except `_ownlr` ones, which had a sweep of their own."
+        + (f" Fixed learning rates (no sweep here): {_lrs(a['lr'])}." if a.get("lr") else ""),
         "",
         f"| candidate | lr | @{a['early_step']} steps | end | trainable params | seeds |",
         "|---|---:|---:|---:|---:|---|",
@@ -256,15 +300,16 @@ def quality_section(name: str, rec: dict) -> list[str]:
         if t in summ and c in summ and "final_all" in summ[t] and "final_all" in summ[c]:
             d = _difference(summ[t], summ[c], a["eval_subset"])
             if d is not None:
+                ps = ", ".join(f"{p:.2g}" for p in _paired_p(rec, t, c)) or "-"
                 diffs.append(
                     f"| {t} − {c} | {100 * d[0]:+.2f} | {100 * d[1]:.2f} | "
-                    f"{'within noise' if d[2] else 'beyond noise'} |"
+                    f"{'within noise' if d[2] else 'beyond noise'} | {ps} |"
                 )
     if diffs:
         lines += [
             "",
-            "| difference (end, points) | mean | noise (1 sd) | verdict (2 sd) |",
-            "|---|---:|---:|---|",
+            "| difference (end, points) | mean | noise (1 sd) | verdict (2 sd) | paired McNemar p per seed |",
+            "|---|---:|---:|---|---:|",
             *diffs,
         ]
     sweep = sorted((r for r in rec["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"]))
@@ -324,7 +369,9 @@ def main() -> None:
             "",
             "A difference is flagged *within noise* when it is smaller than twice the larger of the seed-to-seed "
             "std of the paired difference and the binomial standard error of a difference of two accuracies on "
-            "the evaluated subset.",
+            "the evaluated subset. Runs that stored per-example correctness also get an exact paired McNemar "
+            "test per seed on the same examples (p < 0.05: the two candidates' right answers differ beyond "
+            "chance on that seed); it tests accuracy even where the task's primary metric is another one.",
             "",
         ]
         for name in quality:

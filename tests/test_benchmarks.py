@@ -35,6 +35,58 @@ def test_choose_lrs_best_held_out_ties_to_smaller_and_skips_diverged():
     assert qc.choose_lrs(rows) == {"rsgd": 0.01, "adamw": 3e-3}
 
 
+def test_ownlr_candidates_are_their_own_family_with_their_own_sweep():
+    assert qc.CANDIDATES["grsgd_p0_ownlr"] == ("grsgd_p0_ownlr", "rsgd", 0.0)
+    assert qc.CANDIDATES["grsgd_p0.5_ownlr"][1:] == ("rsgd", 0.5)
+    rows = [
+        _row("sweep", "rsgd", 3e-3, 0, 0.50),
+        _row("sweep", "grsgd_p0_ownlr", 3e-3, 0, 0.20),
+        _row("sweep", "grsgd_p0_ownlr", 1e-3, 0, 0.45),
+    ]
+    assert qc.choose_lrs(rows) == {"rsgd": 3e-3, "grsgd_p0_ownlr": 1e-3}
+    rec = {"runs": [_row("final", "grsgd_p0_ownlr", 1e-3, 0, 0.4)], "chosen_lr": qc.choose_lrs(rows)}
+    assert qc.summarize(rec)["grsgd_p0_ownlr"]["lr"] == 1e-3
+
+
+def test_hits_string_marks_correct_examples():
+    assert qc.hits_string([0, 2, 1, 1], [0, 1, 1, 0]) == "1010"
+    with pytest.raises(ValueError):
+        qc.hits_string([0, 1], [0])
+
+
+def _mcnemar_reference(b: int, c: int) -> float:
+    """Two-sided exact binomial test of b successes in b + c fair-coin flips, summed over all outcomes."""
+    n = b + c
+    probs = [math.comb(n, i) * 0.5**n for i in range(n + 1)]
+    return min(1.0, sum(q for q in probs if q <= probs[b] * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("only_a,only_b,both", [(5, 0, 3), (7, 2, 10), (4, 4, 1), (0, 0, 6), (1, 12, 0)])
+def test_mcnemar_p_matches_exact_binomial_reference(only_a, only_b, both):
+    hits_a = "1" * only_a + "0" * only_b + "1" * both + "00"
+    hits_b = "0" * only_a + "1" * only_b + "1" * both + "00"
+    assert report.mcnemar_p(hits_a, hits_b) == pytest.approx(_mcnemar_reference(only_a, only_b))
+    assert report.mcnemar_p(hits_b, hits_a) == pytest.approx(report.mcnemar_p(hits_a, hits_b))
+
+
+def test_mcnemar_p_hand_values_and_length_error():
+    assert report.mcnemar_p("11111", "00000") == pytest.approx(2 / 32)  # 5 vs 0 discordant
+    assert report.mcnemar_p("1100", "1100") == 1.0
+    with pytest.raises(ValueError, match="hits differ in length: 3 vs 2"):
+        report.mcnemar_p("110", "11")
+
+
+def test_paired_p_uses_final_runs_at_the_reported_lr_and_shared_seeds():
+    runs = [
+        {**_row("final", "a", 1e-3, 0, 0.5), "final_hits": "11110"},
+        {**_row("final", "a", 1e-3, 1, 0.5), "final_hits": "10000"},
+        {**_row("final", "a", 3e-3, 0, 0.5), "final_hits": "00000"},  # not at the reported lr
+        {**_row("final", "b", 1e-2, 0, 0.5), "final_hits": "00000"},
+    ]
+    rec = {"runs": runs, "summary": {"a": {"lr": 1e-3}, "b": {"lr": 1e-2}}}
+    assert report._paired_p(rec, "a", "b") == [pytest.approx(2 * 1 / 16)]
+
+
 def test_summarize_mean_and_sample_std_over_seeds():
     rec = {
         "runs": [
@@ -105,5 +157,7 @@ def test_run_job_trains_and_scores_a_tiny_model(tmp_path, candidate):
     assert row["candidate"] == candidate and row["steps"] == 4
     assert 0.0 <= row["early"] <= 1.0 and 0.0 <= row["final"] <= 1.0
     assert math.isfinite(row["final_loss"]) and row["trainable_params"] > 0
+    assert set(row["final_hits"]) <= {"0", "1"} and len(row["final_hits"]) == 12
+    assert row["final_hits"].count("1") / 12 == pytest.approx(row["final"])
     sweep = qc.run_job({**job, "stage": "sweep", "early_step": 0})
     assert "early" not in sweep and 0.0 <= sweep["final"] <= 1.0
