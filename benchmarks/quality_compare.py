@@ -29,7 +29,8 @@ steps and at the end, for each seed. For scored tasks each run also stores which
 got right (``early_hits`` / ``final_hits``, a string of 0/1 in the subset's order), so two candidates can be
 compared paired (McNemar) on the same examples.
 
-Runs go to ``--workers`` processes with one thread each (pinned to one core each where possible).
+Runs go to ``--workers`` processes with one thread each (with several workers, each is pinned to its own core
+where possible; a single worker is not pinned, so two comparisons can run side by side with ``--workers 1``).
 Results are written after every finished run to
 ``benchmarks/results/quality_<model>_<task>_<cloze|letter|labelwords|head>.json``;
 re-running the same command skips runs already there, so an interrupted comparison resumes.
@@ -402,7 +403,9 @@ def main() -> None:
             )
     ctx = get_context("spawn")
     counter = ctx.Value("i", 0)
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    # pin only a pool of several workers; one worker is left to the OS scheduler, so that two comparisons
+    # started side by side with --workers 1 do not both land on the first core
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and args.workers > 1 else []
 
     def run_all(jobs: list[dict], pool) -> None:
         todo = [j for j in jobs if _key(j) not in done]
