@@ -8,12 +8,12 @@ the default MoE-LoRA adapter E=8 / top-2 / r=4 on q/k/v/o unless ``--adapter`` o
 ``rsgd``            MoE-LoRA + RiemannianSGD              (p=1)
 ``grsgd_p0.5``      MoE-LoRA + RiemannianSGD              (p=0.5, the paper's sqrt rescaling)
 ``grsgd_p0``        MoE-LoRA + RiemannianSGD              (p=0, the paper's eq. 12)
+``grsgd_p0.5_ownlr`` as ``grsgd_p0.5``, but with a learning-rate sweep of its own
+``grsgd_p0_ownlr``   as ``grsgd_p0``, but with a learning-rate sweep of its own
 ``adamw``           MoE-LoRA + plain AdamW                (p=1)
 ``radamw``          MoE-LoRA + RiemannianAdamW            (p=1)
 ``gradamw_p0.5``    MoE-LoRA + RiemannianAdamW            (p=0.5)
 ``gradamw_p0``      MoE-LoRA + RiemannianAdamW            (p=0)
-``grsgd_p0.5_ownlr`` as ``grsgd_p0.5``, but with a learning-rate sweep of its own
-``grsgd_p0_ownlr``   as ``grsgd_p0``, but with a learning-rate sweep of its own
 ``peft_adamw``      PEFT LoRA, rank = E*r (comparable trainable parameters) + torch AdamW
 ==================  =========================================================================
 
@@ -64,12 +64,12 @@ CANDIDATES: dict[str, tuple[str, str, float]] = {
     "rsgd": ("rsgd", "rsgd", 1.0),
     "grsgd_p0.5": ("rsgd", "rsgd", 0.5),
     "grsgd_p0": ("rsgd", "rsgd", 0.0),
+    "grsgd_p0.5_ownlr": ("grsgd_p0.5_ownlr", "rsgd", 0.5),
+    "grsgd_p0_ownlr": ("grsgd_p0_ownlr", "rsgd", 0.0),
     "adamw": ("adamw", "adamw", 1.0),
     "radamw": ("radamw", "radamw", 1.0),
     "gradamw_p0.5": ("radamw", "radamw", 0.5),
     "gradamw_p0": ("radamw", "radamw", 0.0),
-    "grsgd_p0.5_ownlr": ("grsgd_p0.5_ownlr", "rsgd", 0.5),
-    "grsgd_p0_ownlr": ("grsgd_p0_ownlr", "rsgd", 0.0),
     "peft_adamw": ("peft_adamw", "peft", 1.0),
 }
 #: learning-rate grid swept per family (the base member is swept; gated members inherit its choice)
