@@ -3,22 +3,22 @@
 Candidates (same model, data, batches, steps, batch size and linear-decay schedule for all; riemix runs use
 the default MoE-LoRA adapter E=8 / top-2 / r=4 on q/k/v/o unless ``--adapter`` overrides it):
 
-==================  =========================================================================
-``sgd``             MoE-LoRA + plain SGD                  (gate power p=1: plain MoE-LoRA)
-``rsgd``            MoE-LoRA + RiemannianSGD              (p=1)
-``grsgd_p0.5``      MoE-LoRA + RiemannianSGD              (p=0.5, the paper's sqrt rescaling)
-``grsgd_p0``        MoE-LoRA + RiemannianSGD              (p=0, the paper's eq. 12)
-``grsgd_p0.5_ownlr`` as ``grsgd_p0.5``, but with a learning-rate sweep of its own
-``grsgd_p0_ownlr``   as ``grsgd_p0``, but with a learning-rate sweep of its own
-``adamw``           MoE-LoRA + plain AdamW                (p=1)
-``radamw``          MoE-LoRA + RiemannianAdamW            (p=1)
-``gradamw_p0.5``    MoE-LoRA + RiemannianAdamW            (p=0.5)
-``gradamw_p0``      MoE-LoRA + RiemannianAdamW            (p=0)
-``peft_adamw``      PEFT LoRA, rank = E*r (comparable trainable parameters) + torch AdamW
-==================  =========================================================================
+====================  =========================================================================
+``sgd``               MoE-LoRA + plain SGD                  (gate power p=1: plain MoE-LoRA)
+``rsgd``              MoE-LoRA + RiemannianSGD              (p=1)
+``grsgd_p0.5``        MoE-LoRA + RiemannianSGD              (p=0.5, the paper's sqrt rescaling)
+``grsgd_p0``          MoE-LoRA + RiemannianSGD              (p=0, the paper's eq. 12)
+``grsgd_p0.5_ownlr``  as ``grsgd_p0.5``, but with a learning-rate sweep of its own
+``grsgd_p0_ownlr``    as ``grsgd_p0``, but with a learning-rate sweep of its own
+``adamw``             MoE-LoRA + plain AdamW                (p=1)
+``radamw``            MoE-LoRA + RiemannianAdamW            (p=1)
+``gradamw_p0.5``      MoE-LoRA + RiemannianAdamW            (p=0.5)
+``gradamw_p0``        MoE-LoRA + RiemannianAdamW            (p=0)
+``peft_adamw``        PEFT LoRA, rank = E*r (comparable trainable parameters) + torch AdamW
+====================  =========================================================================
 
 Learning rates are tuned honestly: each *family* (``sgd``; ``rsgd`` and its gated variants; ``adamw``;
-``radamw`` and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
+``radamw``            and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
 split (``Dataset.split(0.9, seed=0)``), training on the other 90% for ``--sweep-steps``; the family's
 base member (p=1) is swept and the gated members use its learning rate, as in the paper (the ``_ownlr``
 candidates are their own family, so they get their own sweep: gate rescaling changes the effective step
