@@ -270,6 +270,67 @@ def _paired_p(rec: dict, a: str, b: str) -> list[float]:
     return [mcnemar_p(ha[s], hb[s]) for s in sorted(ha.keys() & hb.keys())]
 
 
+#: column order of the cross-task overview (quality_compare's candidate order)
+QUALITY_ORDER = [
+    "sgd",
+    "rsgd",
+    "grsgd_p0.5",
+    "grsgd_p0",
+    "grsgd_p0.5_ownlr",
+    "grsgd_p0_ownlr",
+    "adamw",
+    "radamw",
+    "gradamw_p0.5",
+    "gradamw_p0",
+    "peft_adamw",
+]
+#: (gated, its p=1 base) pairs counted in the cross-task summary
+GATED_PAIRS = [
+    ("grsgd_p0.5", "rsgd"),
+    ("grsgd_p0", "rsgd"),
+    ("grsgd_p0.5_ownlr", "rsgd"),
+    ("grsgd_p0_ownlr", "rsgd"),
+    ("gradamw_p0.5", "radamw"),
+    ("gradamw_p0", "radamw"),
+]
+
+
+def quality_overview(records: dict[str, dict]) -> list[str]:
+    """One row per task: each candidate's end score (mean over seeds), and how often gating helped.
+
+    Args:
+        records: results file name -> its quality_compare record.
+    """
+    order = ["zero_shot", *QUALITY_ORDER]
+    present = [c for c in order if any(c in rec.get("summary", {}) for rec in records.values())]
+    lines = [
+        "| task (formulation), model | " + " | ".join(present) + " |",
+        "|---|" + "---:|" * len(present),
+    ]
+    wins, total = 0, 0
+    for rec in records.values():
+        summ, a = rec.get("summary", {}), rec["args"]
+        cells = []
+        for c in present:
+            e = summ.get(c)
+            cells.append("-" if e is None or "final" not in e else f"{100 * e['final']:.1f}")
+        form = rec.get("formulation", a["format"])
+        lines.append(f"| {a['task']} ({form}), {a['model']} | " + " | ".join(cells) + " |")
+        for g, b in GATED_PAIRS:
+            if g in summ and b in summ and "final" in summ[g] and "final" in summ[b]:
+                total += 1
+                wins += summ[g]["final"] > summ[b]["final"]
+    return [
+        "### Overview: end score per task (%, mean over seeds; task's primary metric)",
+        "",
+        *lines,
+        "",
+        f"A gate-rescaled candidate beats its p=1 base (same optimizer) in {wins} of {total} "
+        "(task, gated candidate) comparisons; see each task's table for whether the difference is beyond noise.",
+        "",
+    ]
+
+
 def quality_section(name: str, rec: dict) -> list[str]:
     a, summ = rec["args"], rec.get("summary", {})
     form = {"head": "classification head", "labelwords": "label words"}.get(rec.get("formulation"), a["format"])
@@ -362,7 +423,10 @@ def main() -> None:
         rec = _load(name)
         if rec is not None:
             out += fn(rec)
-    quality = sorted(p.name for p in RESULTS.glob("quality_*.json") if not p.name.endswith("_quick.json"))
+    quality = sorted(
+        (p.name for p in RESULTS.glob("quality_*.json") if not p.name.endswith("_quick.json")),
+        key=lambda n: ("smollm2" not in n, "commonsense_qa" not in n, n),  # the headline table first
+    )
     if quality:
         out += [
             "## Quality: the paper's optimizer comparisons at small scale",
@@ -374,8 +438,10 @@ def main() -> None:
             "chance on that seed); it tests accuracy even where the task's primary metric is another one.",
             "",
         ]
-        for name in quality:
-            out += quality_section(name, _load(name))
+        records = {name: _load(name) for name in quality}
+        out += quality_overview(records)
+        for name, rec in records.items():
+            out += quality_section(name, rec)
     out += [
         "## Expert-collapse evidence",
         "",

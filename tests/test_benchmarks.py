@@ -161,3 +161,19 @@ def test_run_job_trains_and_scores_a_tiny_model(tmp_path, candidate):
     assert row["final_hits"].count("1") / 12 == pytest.approx(row["final"])
     sweep = qc.run_job({**job, "stage": "sweep", "early_step": 0})
     assert "early" not in sweep and 0.0 <= sweep["final"] <= 1.0
+
+
+def test_quality_overview_rows_and_gated_win_count():
+    def rec(task, summary):
+        return {"args": {"task": task, "model": "m", "format": "cloze"}, "formulation": "cloze", "summary": summary}
+
+    records = {
+        "a.json": rec("t1", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.60}, "radamw": {"final": 0.7}}),
+        "b.json": rec("t2", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.40}, "gradamw_p0": {"final": 0.9}}),
+    }
+    lines = report.quality_overview(records)
+    assert lines[2] == "| task (formulation), model | rsgd | grsgd_p0.5 | radamw | gradamw_p0 |"
+    assert lines[4] == "| t1 (cloze), m | 50.0 | 60.0 | 70.0 | - |"
+    assert lines[5] == "| t2 (cloze), m | 50.0 | 40.0 | - | 90.0 |"
+    # t1: p0.5 beats rsgd; t2: p0.5 loses; gradamw_p0 in t2 has no radamw to compare with
+    assert "in 1 of 2 (task, gated candidate)" in lines[7]
