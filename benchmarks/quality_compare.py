@@ -242,6 +242,23 @@ def hits_string(preds, targets) -> str:
     return "".join("1" if int(p) == int(t) else "0" for p, t in zip(preds, targets, strict=True))
 
 
+def majority_baseline(dataset) -> float | None:
+    """Primary metric of always predicting the most frequent label of ``dataset`` (classification only).
+
+    A trained candidate that scores this has learned nothing usable: it predicts one class.
+    """
+    if dataset.task != "classification":
+        return None
+    from collections import Counter
+
+    from riemix.metrics import compute_metrics
+
+    targets = dataset.targets()
+    top = Counter(int(t) for t in targets).most_common(1)[0][0]
+    metrics = compute_metrics(dataset.metric, [top] * len(targets), targets)
+    return metrics[dataset.metric] if dataset.metric in metrics else next(iter(metrics.values()))
+
+
 def _key(row: dict) -> str:
     return f"{row['stage']}|{row['candidate']}|{row['lr']:g}|{row['seed']}"
 
@@ -346,7 +363,8 @@ def main() -> None:
         args.eval_subset = args.sweep_subset = 16
     from riemix.data import load_dataset
 
-    task_type = load_dataset(args.task, "dev", args.data_dir).task
+    dev = load_dataset(args.task, "dev", args.data_dir)
+    task_type = dev.task
     formulation = (
         "head"
         if args.model_kind == "sequence_classification"
@@ -364,6 +382,8 @@ def main() -> None:
         **record_header("quality_compare"),
         "args": arg_rec,
         "formulation": formulation,
+        "metric": dev.metric,
+        "majority_baseline": majority_baseline(dev.subset(min(args.eval_subset, len(dev)), seed=0)),
         "runs": record.get("runs", []),
     }
     done = {_key(r) for r in record["runs"]}

@@ -211,11 +211,17 @@ QUALITY_PAIRS = [
 ]
 
 
-def _difference(a: dict, b: dict, n: int) -> tuple[float, float, bool] | None:
+#: metrics that are correlations (their noise is a correlation's standard error, not a binomial one)
+CORRELATION_METRICS = ("matthews_corr", "pearson", "spearman", "pearson_spearman")
+
+
+def _difference(a: dict, b: dict, n: int, metric: str = "accuracy") -> tuple[float, float, bool] | None:
     """Mean final difference a - b over shared seeds, its noise scale, and whether it is within noise.
 
-    Noise is the larger of the seed-to-seed std of the paired difference and the binomial standard
-    error of a difference of two accuracies on ``n`` examples; "within noise" means |diff| < 2 noise.
+    Noise is the larger of the seed-to-seed std of the paired difference and the sampling standard error of
+    a difference of two scores on ``n`` examples: binomial, sqrt(2 p (1 - p) / n), for accuracy-like metrics;
+    sqrt(2) (1 - r^2) / sqrt(n - 1) for correlations (``CORRELATION_METRICS``). "Within noise" means
+    |diff| < 2 noise.
     """
     pairs = [
         (x, y)
@@ -227,10 +233,14 @@ def _difference(a: dict, b: dict, n: int) -> tuple[float, float, bool] | None:
         return None
     diffs = [x - y for x, y in pairs]
     mean = sum(diffs) / len(diffs)
-    p = (a["final"] + b["final"]) / 2
-    binom = (2 * p * (1 - p) / n) ** 0.5
+    p = min(max((a["final"] + b["final"]) / 2, -1.0), 1.0)
+    if metric in CORRELATION_METRICS:
+        sampling = math.sqrt(2) * (1 - p * p) / math.sqrt(n - 1)
+    else:
+        p = max(p, 0.0)
+        sampling = (2 * p * (1 - p) / n) ** 0.5
     seed_sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
-    noise = max(binom, seed_sd)
+    noise = max(sampling, seed_sd)
     return mean, noise, abs(mean) < 2 * noise
 
 
@@ -349,6 +359,8 @@ def quality_section(name: str, rec: dict) -> list[str]:
         f"| candidate | lr | @{a['early_step']} steps | end | trainable params | seeds |",
         "|---|---:|---:|---:|---:|---|",
     ]
+    if rec.get("majority_baseline") is not None:
+        lines.append(f"| majority class (reference) | - | - | {100 * rec['majority_baseline']:.2f} | 0 | - |")
     for cand, e in summ.items():
         lr = "-" if cand == "zero_shot" else f"{e['lr']:.0e}"
         params = e.get("trainable_params") or 0
@@ -359,7 +371,7 @@ def quality_section(name: str, rec: dict) -> list[str]:
     diffs = []
     for t, c in QUALITY_PAIRS:
         if t in summ and c in summ and "final_all" in summ[t] and "final_all" in summ[c]:
-            d = _difference(summ[t], summ[c], a["eval_subset"])
+            d = _difference(summ[t], summ[c], a["eval_subset"], rec.get("metric", "accuracy"))
             if d is not None:
                 ps = ", ".join(f"{p:.2g}" for p in _paired_p(rec, t, c)) or "-"
                 diffs.append(
@@ -432,10 +444,13 @@ def main() -> None:
             "## Quality: the paper's optimizer comparisons at small scale",
             "",
             "A difference is flagged *within noise* when it is smaller than twice the larger of the seed-to-seed "
-            "std of the paired difference and the binomial standard error of a difference of two accuracies on "
-            "the evaluated subset. Runs that stored per-example correctness also get an exact paired McNemar "
-            "test per seed on the same examples (p < 0.05: the two candidates' right answers differ beyond "
-            "chance on that seed); it tests accuracy even where the task's primary metric is another one.",
+            "std of the paired difference and the sampling standard error of a difference of two scores on "
+            "the evaluated subset (binomial for accuracy and F1, a correlation's for MCC and Pearson/Spearman). "
+            "Classification tables show the majority-class score as a reference: a candidate at that score "
+            "predicts one class and has learned nothing usable. Runs that stored per-example correctness also "
+            "get an exact paired McNemar test per seed on the same examples (p < 0.05: the two candidates' "
+            "right answers differ beyond chance on that seed); it tests accuracy even where the task's primary "
+            "metric is another one.",
             "",
         ]
         records = {name: _load(name) for name in quality}

@@ -177,3 +177,28 @@ def test_quality_overview_rows_and_gated_win_count():
     assert lines[5] == "| t2 (cloze), m | 50.0 | 40.0 | - | 90.0 |"
     # t1: p0.5 beats rsgd; t2: p0.5 loses; gradamw_p0 in t2 has no radamw to compare with
     assert "in 1 of 2 (task, gated candidate)" in lines[7]
+
+
+def test_majority_baseline_is_the_most_frequent_label_share():
+    from riemix.data import load_dataset
+
+    dev = load_dataset("glue/sst2", "dev").subset(50, seed=0)  # packaged with riemix
+    targets = [int(t) for t in dev.targets()]
+    share = max(targets.count(c) for c in set(targets)) / len(targets)
+    assert qc.majority_baseline(dev) == pytest.approx(share)
+
+
+def test_majority_baseline_is_none_for_multiple_choice(tmp_path):
+    from riemix.data import load_dataset
+
+    assert qc.majority_baseline(load_dataset(write_mcq(tmp_path / "mcq.jsonl", 10, 0), "dev")) is None
+
+
+def test_difference_of_correlations_uses_the_correlation_standard_error():
+    a = {"seeds": [0], "final_all": [-0.02], "final": -0.02}  # negative scores must not break the noise
+    b = {"seeds": [0], "final_all": [0.06], "final": 0.06}
+    mean, noise, within = report._difference(a, b, n=250, metric="pearson_spearman")
+    r = (-0.02 + 0.06) / 2
+    assert mean == pytest.approx(-0.08)
+    assert noise == pytest.approx(math.sqrt(2) * (1 - r * r) / math.sqrt(249))
+    assert within is True
