@@ -314,7 +314,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
     order = ["zero_shot", *QUALITY_ORDER]
     present = [c for c in order if any(c in rec.get("summary", {}) for rec in records.values())]
     lines = [
-        "| task (formulation), model | " + " | ".join(present) + " |",
+        "| task (formulation), model, steps | " + " | ".join(present) + " |",
         "|---|" + "---:|" * len(present),
     ]
     wins, total = 0, 0
@@ -325,7 +325,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
             e = summ.get(c)
             cells.append("-" if e is None or "final" not in e else f"{100 * e['final']:.1f}")
         form = rec.get("formulation", a["format"])
-        lines.append(f"| {a['task']} ({form}), {a['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {a['task']} ({form}), {a['model']}, {a['steps']} steps | " + " | ".join(cells) + " |")
         for g, b in GATED_PAIRS:
             if g in summ and b in summ and "final" in summ[g] and "final" in summ[b]:
                 total += 1
@@ -344,7 +344,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
 def quality_section(name: str, rec: dict) -> list[str]:
     a, summ = rec["args"], rec.get("summary", {})
     form = {"head": "classification head", "labelwords": "label words"}.get(rec.get("formulation"), a["format"])
-    title = f"{a['task']} ({form}), {a['model']}"
+    title = f"{a['task']} ({form}), {a['model']}, {a['steps']} steps"
     lines = [
         f"### {title}",
         "",

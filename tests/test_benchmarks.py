@@ -165,16 +165,17 @@ def test_run_job_trains_and_scores_a_tiny_model(tmp_path, candidate):
 
 def test_quality_overview_rows_and_gated_win_count():
     def rec(task, summary):
-        return {"args": {"task": task, "model": "m", "format": "cloze"}, "formulation": "cloze", "summary": summary}
+        args = {"task": task, "model": "m", "format": "cloze", "steps": 9}
+        return {"args": args, "formulation": "cloze", "summary": summary}
 
     records = {
         "a.json": rec("t1", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.60}, "radamw": {"final": 0.7}}),
         "b.json": rec("t2", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.40}, "gradamw_p0": {"final": 0.9}}),
     }
     lines = report.quality_overview(records)
-    assert lines[2] == "| task (formulation), model | rsgd | grsgd_p0.5 | radamw | gradamw_p0 |"
-    assert lines[4] == "| t1 (cloze), m | 50.0 | 60.0 | 70.0 | - |"
-    assert lines[5] == "| t2 (cloze), m | 50.0 | 40.0 | - | 90.0 |"
+    assert lines[2] == "| task (formulation), model, steps | rsgd | grsgd_p0.5 | radamw | gradamw_p0 |"
+    assert lines[4] == "| t1 (cloze), m, 9 steps | 50.0 | 60.0 | 70.0 | - |"
+    assert lines[5] == "| t2 (cloze), m, 9 steps | 50.0 | 40.0 | - | 90.0 |"
     # t1: p0.5 beats rsgd; t2: p0.5 loses; gradamw_p0 in t2 has no radamw to compare with
     assert "in 1 of 2 (task, gated candidate)" in lines[7]
 
