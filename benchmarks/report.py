@@ -314,29 +314,37 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
     order = ["zero_shot", *QUALITY_ORDER]
     present = [c for c in order if any(c in rec.get("summary", {}) for rec in records.values())]
     lines = [
-        "| task (formulation), model, steps | " + " | ".join(present) + " |",
-        "|---|" + "---:|" * len(present),
+        "| task (formulation), model, steps | majority | " + " | ".join(present) + " |",
+        "|---|---:|" + "---:|" * len(present),
     ]
-    wins, total = 0, 0
+    tally = {"better": [], "worse": [], "tie": []}
     for rec in records.values():
         summ, a = rec.get("summary", {}), rec["args"]
+        task = f"{a['task']} ({rec.get('formulation', a['format'])}), {a['model']}, {a['steps']} steps"
         cells = []
         for c in present:
             e = summ.get(c)
             cells.append("-" if e is None or "final" not in e else f"{100 * e['final']:.1f}")
-        form = rec.get("formulation", a["format"])
-        lines.append(f"| {a['task']} ({form}), {a['model']}, {a['steps']} steps | " + " | ".join(cells) + " |")
+        major = rec.get("majority_baseline")
+        lines.append(f"| {task} | {'-' if major is None else f'{100 * major:.1f}'} | " + " | ".join(cells) + " |")
         for g, b in GATED_PAIRS:
-            if g in summ and b in summ and "final" in summ[g] and "final" in summ[b]:
-                total += 1
-                wins += summ[g]["final"] > summ[b]["final"]
+            if g in summ and b in summ and "final_all" in summ[g] and "final_all" in summ[b]:
+                d = _difference(summ[g], summ[b], a["eval_subset"], rec.get("metric", "accuracy"))
+                if d is not None:
+                    verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
+                    tally[verdict].append((f"{a['task']} {g}", d[2]))
+
+    def count(kind: str) -> str:
+        beyond = [name for name, within in tally[kind] if not within]
+        return f"{len(tally[kind])} {kind} ({len(beyond)} beyond noise{': ' + ', '.join(beyond) if beyond else ''})"
+
     return [
         "### Overview: end score per task (%, mean over seeds; task's primary metric)",
         "",
         *lines,
         "",
-        f"A gate-rescaled candidate beats its p=1 base (same optimizer) in {wins} of {total} "
-        "(task, gated candidate) comparisons; see each task's table for whether the difference is beyond noise.",
+        "Gate-rescaled candidate vs its p=1 base (same optimizer and task): "
+        f"{count('better')}, {count('worse')}, {len(tally['tie'])} exactly equal.",
         "",
     ]
 

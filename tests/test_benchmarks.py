@@ -163,21 +163,26 @@ def test_run_job_trains_and_scores_a_tiny_model(tmp_path, candidate):
     assert "early" not in sweep and 0.0 <= sweep["final"] <= 1.0
 
 
-def test_quality_overview_rows_and_gated_win_count():
-    def rec(task, summary):
-        args = {"task": task, "model": "m", "format": "cloze", "steps": 9}
-        return {"args": args, "formulation": "cloze", "summary": summary}
+def test_quality_overview_rows_and_gated_tally():
+    def rec(task, summary, majority=None):
+        args = {"task": task, "model": "m", "format": "cloze", "steps": 9, "eval_subset": 1000}
+        summary = {c: {"final": v, "final_all": [v], "seeds": [0]} for c, v in summary.items()}
+        return {"args": args, "formulation": "cloze", "summary": summary, "majority_baseline": majority}
 
     records = {
-        "a.json": rec("t1", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.60}, "radamw": {"final": 0.7}}),
-        "b.json": rec("t2", {"rsgd": {"final": 0.50}, "grsgd_p0.5": {"final": 0.40}, "gradamw_p0": {"final": 0.9}}),
+        "a.json": rec("t1", {"rsgd": 0.50, "grsgd_p0.5": 0.60, "radamw": 0.7}, majority=0.55),
+        "b.json": rec("t2", {"rsgd": 0.50, "grsgd_p0.5": 0.49, "gradamw_p0": 0.9, "grsgd_p0": 0.5}),
     }
     lines = report.quality_overview(records)
-    assert lines[2] == "| task (formulation), model, steps | rsgd | grsgd_p0.5 | radamw | gradamw_p0 |"
-    assert lines[4] == "| t1 (cloze), m, 9 steps | 50.0 | 60.0 | 70.0 | - |"
-    assert lines[5] == "| t2 (cloze), m, 9 steps | 50.0 | 40.0 | - | 90.0 |"
-    # t1: p0.5 beats rsgd; t2: p0.5 loses; gradamw_p0 in t2 has no radamw to compare with
-    assert "in 1 of 2 (task, gated candidate)" in lines[7]
+    header = "| task (formulation), model, steps | majority | rsgd | grsgd_p0.5 | grsgd_p0 | radamw | gradamw_p0 |"
+    assert lines[2] == header
+    assert lines[4] == "| t1 (cloze), m, 9 steps | 55.0 | 50.0 | 60.0 | - | 70.0 | - |"
+    assert lines[5] == "| t2 (cloze), m, 9 steps | - | 50.0 | 49.0 | 50.0 | - | 90.0 |"
+    # t1: +10 points on n=1000 is beyond noise; t2: -1 point is not; grsgd_p0 ties; gradamw_p0 has no radamw
+    assert lines[7] == (
+        "Gate-rescaled candidate vs its p=1 base (same optimizer and task): 1 better (1 beyond noise: t1 grsgd_p0.5), "
+        "1 worse (0 beyond noise), 1 exactly equal."
+    )
 
 
 def test_majority_baseline_is_the_most_frequent_label_share():
