@@ -332,7 +332,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
                 d = _difference(summ[g], summ[b], a["eval_subset"], rec.get("metric", "accuracy"))
                 if d is not None:
                     verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
-                    tally[verdict].append((f"{a['task']} {g}", d[2]))
+                    tally[verdict].append((f"{a['task']} {a['steps']} steps {g}", d[2]))
 
     def count(kind: str) -> str:
         beyond = [name for name, within in tally[kind] if not within]

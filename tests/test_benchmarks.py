@@ -180,8 +180,8 @@ def test_quality_overview_rows_and_gated_tally():
     assert lines[5] == "| t2 (cloze), m, 9 steps | - | 50.0 | 49.0 | 50.0 | - | 90.0 |"
     # t1: +10 points on n=1000 is beyond noise; t2: -1 point is not; grsgd_p0 ties; gradamw_p0 has no radamw
     assert lines[7] == (
-        "Gate-rescaled candidate vs its p=1 base (same optimizer and task): 1 better (1 beyond noise: t1 grsgd_p0.5), "
-        "1 worse (0 beyond noise), 1 exactly equal."
+        "Gate-rescaled candidate vs its p=1 base (same optimizer and task): "
+        "1 better (1 beyond noise: t1 9 steps grsgd_p0.5), 1 worse (0 beyond noise), 1 exactly equal."
     )
 
 
