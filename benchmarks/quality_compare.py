@@ -307,15 +307,15 @@ def print_tables(record: dict) -> None:
     a = record["args"]
     form = record.get("formulation", a["format"])
     print(f"\n{a['task']} ({form}), {a['model']}: sweep on held-out train ({a['sweep_steps']} steps)")
-    print(f"{'candidate':<14} {'lr':>8} {'held-out':>9}")
+    print(f"{'candidate':<18} {'lr':>8} {'held-out':>9}")
     for r in sorted((r for r in record["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"])):
-        print(f"{r['candidate']:<14} {r['lr']:8.0e} {r['final']:9.4f}")
+        print(f"{r['candidate']:<18} {r['lr']:8.0e} {r['final']:9.4f}")
     print(f"chosen: {record.get('chosen_lr')}")
     print(f"\nreported split subset ({a['eval_subset']}), {a['steps']} steps x batch {a['batch_size']}")
-    print(f"{'candidate':<14} {'lr':>8} {'@' + str(a['early_step']):>15} {'end':>15} {'params':>9} seeds")
+    print(f"{'candidate':<18} {'lr':>8} {'@' + str(a['early_step']):>15} {'end':>15} {'params':>9} seeds")
     for cand, e in record.get("summary", {}).items():
         early, final, params = pct(e, "early"), pct(e, "final"), e["trainable_params"] or 0
-        print(f"{cand:<14} {e['lr']:8.0e} {early:>15} {final:>15} {params:9d} {e['seeds']}")
+        print(f"{cand:<18} {e['lr']:8.0e} {early:>15} {final:>15} {params:9d} {e['seeds']}")
 
 
 def check_protocol(record: dict, arg_rec: dict, out: Path) -> None:
