@@ -18,7 +18,7 @@ the default MoE-LoRA adapter E=8 / top-2 / r=4 on q/k/v/o unless ``--adapter`` o
 ====================  =========================================================================
 
 Learning rates are tuned honestly: each *family* (``sgd``; ``rsgd`` and its gated variants; ``adamw``;
-``radamw``            and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
+``radamw`` and its gated variants; ``peft_adamw``) sweeps a small grid on a held-out 10% of the *train*
 split (``Dataset.split(0.9, seed=0)``), training on the other 90% for ``--sweep-steps``; the family's
 base member (p=1) is swept and the gated members use its learning rate, as in the paper (the ``_ownlr``
 candidates are their own family, so they get their own sweep: gate rescaling changes the effective step
@@ -232,6 +232,8 @@ def run_job(job: dict) -> dict:
         score("final")
     if job["early_step"] == job["steps"]:
         row["early"] = row["final"]
+        if "final_hits" in row:
+            row["early_hits"] = row["final_hits"]
     tail = losses[-10:]
     row.update(final_loss=sum(tail) / len(tail), train_seconds=t_train, seconds=time.time() - t0)
     return row
