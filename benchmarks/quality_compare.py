@@ -171,7 +171,6 @@ def run_job(job: dict) -> dict:
     import torch
 
     from riemix.evaluate import predict
-    from riemix.metrics import compute_metrics
     from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
     from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
 
@@ -188,12 +187,13 @@ def run_job(job: dict) -> dict:
     row = {k: job[k] for k in ("stage", "candidate", "lr", "seed", "steps")}
     row["trainable_params"] = n_trainable
 
+    targets = eval_ds.targets()
+
     def score(point: str) -> None:
         preds = predict(tm, eval_ds, spec, tok, job["eval_batch_size"])["preds"]
-        metrics = compute_metrics(eval_ds.metric, preds, eval_ds.targets())
-        row[point] = metrics[eval_ds.metric] if eval_ds.metric in metrics else next(iter(metrics.values()))
+        row[point] = primary_score(eval_ds.metric, preds, targets)
         if eval_ds.task != "regression":
-            row[f"{point}_hits"] = hits_string(preds, eval_ds.targets())
+            row[f"{point}_hits"] = hits_string(preds, targets)
 
     if job["candidate"] == "zero_shot":
         score("final")
@@ -244,6 +244,14 @@ def hits_string(preds, targets) -> str:
     return "".join("1" if int(p) == int(t) else "0" for p, t in zip(preds, targets, strict=True))
 
 
+def primary_score(metric: str, preds, targets) -> float:
+    """The task's primary score (``metric``'s own key, else the first one ``compute_metrics`` reports)."""
+    from riemix.metrics import compute_metrics
+
+    metrics = compute_metrics(metric, preds, targets)
+    return metrics[metric] if metric in metrics else next(iter(metrics.values()))
+
+
 def majority_baseline(dataset) -> float | None:
     """Primary metric of always predicting the most frequent label of ``dataset`` (classification only).
 
@@ -253,12 +261,9 @@ def majority_baseline(dataset) -> float | None:
         return None
     from collections import Counter
 
-    from riemix.metrics import compute_metrics
-
     targets = dataset.targets()
     top = Counter(int(t) for t in targets).most_common(1)[0][0]
-    metrics = compute_metrics(dataset.metric, [top] * len(targets), targets)
-    return metrics[dataset.metric] if dataset.metric in metrics else next(iter(metrics.values()))
+    return primary_score(dataset.metric, [top] * len(targets), targets)
 
 
 def _key(row: dict) -> str:

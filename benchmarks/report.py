@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from _common import pct
+from quality_compare import CANDIDATES
 
 from riemix.fileio import atomic_write_text
 
@@ -280,29 +281,22 @@ def _paired_p(rec: dict, a: str, b: str) -> list[float]:
     return [mcnemar_p(ha[s], hb[s]) for s in sorted(ha.keys() & hb.keys())]
 
 
-#: column order of the cross-task overview (quality_compare's candidate order)
-QUALITY_ORDER = [
-    "sgd",
-    "rsgd",
-    "grsgd_p0.5",
-    "grsgd_p0",
-    "grsgd_p0.5_ownlr",
-    "grsgd_p0_ownlr",
-    "adamw",
-    "radamw",
-    "gradamw_p0.5",
-    "gradamw_p0",
-    "peft_adamw",
-]
-#: (gated, its p=1 base) pairs counted in the cross-task summary
+#: (gated, its p=1 base with the same optimizer) pairs counted in the cross-task summary
 GATED_PAIRS = [
-    ("grsgd_p0.5", "rsgd"),
-    ("grsgd_p0", "rsgd"),
-    ("grsgd_p0.5_ownlr", "rsgd"),
-    ("grsgd_p0_ownlr", "rsgd"),
-    ("gradamw_p0.5", "radamw"),
-    ("gradamw_p0", "radamw"),
+    (gated, base)
+    for gated, (_, opt, power) in CANDIDATES.items()
+    if power < 1
+    for base, (fam, base_opt, base_power) in CANDIDATES.items()
+    if base_opt == opt and base_power == 1 and fam == base
 ]
+
+
+def _pair_difference(rec: dict, a: str, b: str) -> tuple[float, float, bool] | None:
+    """``_difference`` of candidates ``a`` and ``b`` in ``rec``, or None when either has no final scores."""
+    summ = rec.get("summary", {})
+    if a not in summ or b not in summ or "final_all" not in summ[a] or "final_all" not in summ[b]:
+        return None
+    return _difference(summ[a], summ[b], rec["args"]["eval_subset"], rec.get("metric", "accuracy"))
 
 
 def quality_overview(records: dict[str, dict]) -> list[str]:
@@ -311,7 +305,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
     Args:
         records: results file name -> its quality_compare record.
     """
-    order = ["zero_shot", *QUALITY_ORDER]
+    order = ["zero_shot", *CANDIDATES]
     present = [c for c in order if any(c in rec.get("summary", {}) for rec in records.values())]
     lines = [
         "| task (formulation), model, steps | majority | " + " | ".join(present) + " |",
@@ -328,11 +322,10 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
         major = rec.get("majority_baseline")
         lines.append(f"| {task} | {'-' if major is None else f'{100 * major:.1f}'} | " + " | ".join(cells) + " |")
         for g, b in GATED_PAIRS:
-            if g in summ and b in summ and "final_all" in summ[g] and "final_all" in summ[b]:
-                d = _difference(summ[g], summ[b], a["eval_subset"], rec.get("metric", "accuracy"))
-                if d is not None:
-                    verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
-                    tally[verdict].append((f"{a['task']} {a['steps']} steps {g}", d[2]))
+            d = _pair_difference(rec, g, b)
+            if d is not None:
+                verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
+                tally[verdict].append((f"{a['task']} {a['steps']} steps {g}", d[2]))
 
     def count(kind: str) -> str:
         beyond = [name for name, within in tally[kind] if not within]
@@ -378,14 +371,13 @@ def quality_section(name: str, rec: dict) -> list[str]:
         )
     diffs = []
     for t, c in QUALITY_PAIRS:
-        if t in summ and c in summ and "final_all" in summ[t] and "final_all" in summ[c]:
-            d = _difference(summ[t], summ[c], a["eval_subset"], rec.get("metric", "accuracy"))
-            if d is not None:
-                ps = ", ".join(f"{p:.2g}" for p in _paired_p(rec, t, c)) or "-"
-                diffs.append(
-                    f"| {t} − {c} | {100 * d[0]:+.2f} | {100 * d[1]:.2f} | "
-                    f"{'within noise' if d[2] else 'beyond noise'} | {ps} |"
-                )
+        d = _pair_difference(rec, t, c)
+        if d is not None:
+            ps = ", ".join(f"{p:.2g}" for p in _paired_p(rec, t, c)) or "-"
+            diffs.append(
+                f"| {t} − {c} | {100 * d[0]:+.2f} | {100 * d[1]:.2f} | "
+                f"{'within noise' if d[2] else 'beyond noise'} | {ps} |"
+            )
     if diffs:
         lines += [
             "",
