@@ -14,7 +14,7 @@ from pathlib import Path
 from _common import pct
 from quality_compare import CANDIDATES
 
-from riemix.fileio import atomic_write_text
+from riemix.fileio import atomic_write, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,8 +41,7 @@ def _bar(path: Path, labels: list[str], values: list[float], title: str, xlabel:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
