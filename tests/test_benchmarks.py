@@ -50,7 +50,7 @@ def test_ownlr_candidates_are_their_own_family_with_their_own_sweep():
 
 def test_hits_string_marks_correct_examples():
     assert qc.hits_string([0, 2, 1, 1], [0, 1, 1, 0]) == "1010"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is shorter than argument 1"):
         qc.hits_string([0, 1], [0])
 
 
