@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import record_header
+from _common import record_header, train_loop
 
 from riemix.fileio import atomic_write_text
-from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule, train
+from riemix.train import TrainConfig, _batch_at, _seed_everything, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,37 +60,26 @@ def run_peft(steps: int, lr: float) -> dict:
     spec = TaskSpec.for_dataset(train_ds, "causal_lm")
     peft_model = get_peft_model(
         model,
-        LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-        ),
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     )
     model = peft_model.base_model.model
     task_model = TaskModel(model, "causal_lm")
     items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, steps))
-    t_train = time.time()
-    task_model.train()
-    for step in range(steps):
-        loss = task_model(collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    train_s = time.time() - t_train
+    loop = train_loop(
+        task_model, opt, lambda step: collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id), steps
+    )
     acc = evaluate(task_model, dev, spec, tok, cfg.eval_batch_size)["accuracy"]
     return {
         "accuracy": acc,
         "wall_seconds_without_zero_shot": time.time() - t0,
-        "train_seconds": train_s,
+        "train_seconds": loop.train_seconds,
         "lr": lr,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--peft-lr", type=float, default=2e-4)
     parser.add_argument("--only", choices=["riemix", "peft"])
@@ -102,17 +91,13 @@ def main() -> None:
     if args.only in (None, "peft"):
         rows["peft_lora_r16_adamw"] = run_peft(args.steps, args.peft_lr)
         print(json.dumps(rows["peft_lora_r16_adamw"]), flush=True)
-    print(
-        f"\nSST-2 dev (872), SmolLM2-135M-Instruct, {args.steps} steps x batch 16, {torch.get_num_threads()} threads"
-    )
+    print(f"\nSST-2 dev (872), SmolLM2-135M-Instruct, {args.steps} steps x batch 16, {torch.get_num_threads()} threads")
     print(f"{'candidate':<22} {'accuracy':>9} {'train s':>8}")
     for name, r in rows.items():
         print(f"{name:<22} {r['accuracy']:9.4f} {r['train_seconds']:8.0f}")
     if "riemix_default_job" in rows:
         r = rows["riemix_default_job"]
-        print(
-            f"zero-shot {r['zero_shot_accuracy']:.4f}; riemix default job wall time {r['wall_seconds']:.0f} s"
-        )
+        print(f"zero-shot {r['zero_shot_accuracy']:.4f}; riemix default job wall time {r['wall_seconds']:.0f} s")
     out = RESULTS / "default_job_vs_peft.json"
     previous = json.loads(out.read_text()) if out.exists() and args.only else {}
     record = {

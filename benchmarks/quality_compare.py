@@ -52,7 +52,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from _common import pct, record_header
+from _common import pct, record_header, train_loop
 
 from riemix.fileio import atomic_write_text
 
@@ -168,11 +168,9 @@ def _build(job: dict):
 
 def run_job(job: dict) -> dict:
     """Train one (stage, candidate, lr, seed) and evaluate it; returns the result row."""
-    import torch
-
     from riemix.evaluate import predict
     from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
-    from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
+    from riemix.train import TrainConfig, _batch_at, _seed_everything
 
     t0 = time.time()
     train_ds, eval_ds = _data(job)
@@ -204,29 +202,20 @@ def run_job(job: dict) -> dict:
         if seq
         else [encode_train(ex, spec, tok) for ex in train_ds.examples]
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, job["steps"]))
-    losses, t_train = [], 0.0
-    tm.train()
-    for step in range(job["steps"]):
+
+    def batch_at(step: int):
         chunk = _batch_at(items, step, cfg, 0, 1)
         if seq:
-            batch = collate_encoder([ex for _, ex in chunk], tok, spec.max_length, train_ds.task == "regression")
-        else:
-            batch = collate_lm(chunk, tok.pad_token_id)
-        ts = time.time()
-        loss = tm(batch)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        t_train += time.time() - ts
-        losses.append(loss.item())
-        if not losses[-1] == losses[-1]:  # NaN: diverged, stop early and report it
-            row["diverged_at"] = step
-            break
+            return collate_encoder([ex for _, ex in chunk], tok, spec.max_length, train_ds.task == "regression")
+        return collate_lm(chunk, tok.pad_token_id)
+
+    def after_step(step: int) -> None:
         if job["early_step"] and step + 1 == job["early_step"] and job["early_step"] < job["steps"]:
             score("early")
-    if "diverged_at" in row:
+
+    loop = train_loop(tm, opt, batch_at, job["steps"], after_step)
+    if loop.diverged_at is not None:  # NaN/inf loss: stopped early, reported as such
+        row["diverged_at"] = loop.diverged_at
         row["final"] = float("nan")
     else:
         score("final")
@@ -234,8 +223,8 @@ def run_job(job: dict) -> dict:
         row["early"] = row["final"]
         if "final_hits" in row:
             row["early_hits"] = row["final_hits"]
-    tail = losses[-10:]
-    row.update(final_loss=sum(tail) / len(tail), train_seconds=t_train, seconds=time.time() - t0)
+    tail = loop.losses[-10:]
+    row.update(final_loss=sum(tail) / len(tail), train_seconds=loop.train_seconds, seconds=time.time() - t0)
     return row
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import torch
+from _common import train_loop
 
 from riemix.config import MoELoRAConfig
 from riemix.data import load_dataset
@@ -23,7 +22,7 @@ from riemix.fileio import atomic_write_text
 from riemix.models import load_model
 from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
-from riemix.train import TrainConfig, _batch_at, _seed_everything, linear_schedule
+from riemix.train import TrainConfig, _batch_at, _seed_everything
 from riemix.tuner import add_moe_lora
 
 
@@ -34,28 +33,16 @@ def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
     add_moe_lora(model, MoELoRAConfig(**cfg.adapter))
     tm = TaskModel(model, "causal_lm")
     items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
-    opt = build_optimizer(
-        model, cfg.optimizer, lr=lr, gate_lr=cfg.gate_lr, gate_max_grad_norm=cfg.gate_max_grad_norm
+    opt = build_optimizer(model, cfg.optimizer, lr=lr, gate_lr=cfg.gate_lr, gate_max_grad_norm=cfg.gate_max_grad_norm)
+    loop = train_loop(
+        tm, opt, lambda step: collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id), cfg.max_steps
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(0, cfg.max_steps))
-    t0 = time.time()
-    tm.train()
-    for step in range(cfg.max_steps):
-        batch = collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id)
-        loss = tm(batch)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    train_s = time.time() - t0
     acc = evaluate(tm, held_ds, spec, tok, 32)["accuracy"]
-    return {"lr": lr, "heldout_accuracy": acc, "train_seconds": train_s, "final_loss": loss.item()}
+    return {"lr": lr, "heldout_accuracy": acc, "train_seconds": loop.train_seconds, "final_loss": loop.losses[-1]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()
@@ -83,7 +70,7 @@ def main() -> None:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
 
 
