@@ -396,7 +396,11 @@ def quality_section(name: str, rec: dict) -> list[str]:
         lines += [f"| {r['candidate']} | {r['lr']:.0e} | {100 * r['final']:.2f} |" for r in sweep]
         chosen = []
         for fam, lr in rec.get("chosen_lr", {}).items():
-            grid = [r["lr"] for r in sweep if r["candidate"] == fam]
+            runs = [r for r in sweep if r["candidate"] == fam]
+            grid, scores = [r["lr"] for r in runs], {r["final"] for r in runs}
+            if len(grid) > 1 and len(scores) == 1:  # nothing to choose between: the tie-break picked it
+                chosen.append(f"{fam} {lr:g} (every grid point tied, so the smallest was taken)")
+                continue
             edge = len(grid) > 1 and lr in (min(grid), max(grid))
             chosen.append(f"{fam} {lr:g}" + (" (at the edge of its grid)" if edge else ""))
         lines += [

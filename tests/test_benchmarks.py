@@ -251,3 +251,31 @@ def test_train_loop_stops_at_a_non_finite_loss():
         model, torch.optim.SGD(model.parameters(), lr=0.1), batches.__getitem__, 5, after_step=seen.append
     )
     assert loop.diverged_at == 1 and len(loop.losses) == 2 and seen == [0]
+
+
+def test_report_says_when_a_sweep_could_not_choose():
+    args = {
+        "task": "glue/cola",
+        "model": "m",
+        "format": "cloze",
+        "steps": 300,
+        "batch_size": 16,
+        "eval_subset": 250,
+        "early_step": 100,
+        "sweep_steps": 150,
+        "sweep_subset": 200,
+        "lr": {},
+    }
+    rec = {
+        "args": args,
+        "formulation": "head",
+        "machine": {"platform": "p", "cpu_threads": 1, "torch": "t"},
+        "date": "2026-11-22T00:00:00+00:00",
+        "summary": {},
+        "runs": [_row("sweep", "rsgd", lr, 0, 0.0) for lr in (0.01, 0.03, 0.1)]
+        + [_row("sweep", "radamw", lr, 0, f) for lr, f in ((1e-3, 0.1), (3e-3, 0.2), (1e-2, 0.3))],
+        "chosen_lr": {"rsgd": 0.01, "radamw": 0.01},
+    }
+    text = "\n".join(report.quality_section("x.json", rec))
+    assert "rsgd 0.01 (every grid point tied, so the smallest was taken)" in text
+    assert "radamw 0.01 (at the edge of its grid)" in text
