@@ -298,6 +298,21 @@ def _pair_difference(rec: dict, a: str, b: str) -> tuple[float, float, bool] | N
     return _difference(summ[a], summ[b], rec["args"]["eval_subset"], rec.get("metric", "accuracy"))
 
 
+def _quality_title(name: str, rec: dict, short: bool = False) -> str:
+    """``task (formulation), model, N steps``, plus what the file name adds to the default one (a variant).
+
+    ``quality_compare`` names its file ``quality_<model>_<task>_<formulation>.json``; a run written with
+    ``--out`` under a longer name (``..._rsgd_lr1e-3.json``) is a variant of that protocol, and its title
+    says so (a ``_<N>steps`` suffix is already in the title). ``short`` keeps the formulation's code name.
+    """
+    a, code = rec["args"], rec.get("formulation", rec["args"]["format"])
+    form = code if short else {"head": "classification head", "labelwords": "label words"}.get(code, code)
+    title = f"{a['task']} ({form}), {a['model']}, {a['steps']} steps"
+    variant = name.removesuffix(".json").removeprefix(f"quality_{a['model']}_{a['task'].replace('/', '_')}_{code}")
+    variant = variant.strip("_")
+    return title + (f", {variant.replace('_', ' ')}" if variant and variant != f"{a['steps']}steps" else "")
+
+
 def quality_overview(records: dict[str, dict]) -> list[str]:
     """One row per task: each candidate's end score (mean over seeds), and how often gating helped.
 
@@ -311,9 +326,9 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
         "|---|---:|" + "---:|" * len(present),
     ]
     tally = {"better": [], "worse": [], "tie": []}
-    for rec in records.values():
-        summ, a = rec.get("summary", {}), rec["args"]
-        task = f"{a['task']} ({rec.get('formulation', a['format'])}), {a['model']}, {a['steps']} steps"
+    for name, rec in records.items():
+        summ = rec.get("summary", {})
+        task = _quality_title(name, rec, short=True)
         cells = []
         for c in present:
             e = summ.get(c)
@@ -324,7 +339,7 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
             d = _pair_difference(rec, g, b)
             if d is not None:
                 verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
-                tally[verdict].append((f"{a['task']} {a['steps']} steps {g}", d[2]))
+                tally[verdict].append((f"{task}: {g}", d[2]))
 
     def count(kind: str) -> str:
         beyond = [name for name, within in tally[kind] if not within]
@@ -343,13 +358,14 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
 
 def quality_section(name: str, rec: dict) -> list[str]:
     a, summ = rec["args"], rec.get("summary", {})
-    form = {"head": "classification head", "labelwords": "label words"}.get(rec.get("formulation"), a["format"])
-    title = f"{a['task']} ({form}), {a['model']}, {a['steps']} steps"
+    title = _quality_title(name, rec)
     lines = [
         f"### {title}",
         "",
         f"`benchmarks/quality_compare.py --task {a['task']} --model {a['model']}` ({_machine(rec)}): "
-        f"{a['steps']} steps x batch {a['batch_size']}, linear decay, same batches for every candidate; "
+        f"{a['steps']} steps x batch {a['batch_size']}"
+        + (f", sequences cut to {a['max_length']} tokens" if a.get("max_length") else "")
+        + ", linear decay, same batches for every candidate; "
         f"scores on a fixed {a['eval_subset']}-example subset of the reported split after {a['early_step']} steps "
         f"and at the end; mean ± std over seeds. Learning rates were swept on a held-out 10% of train "
         f"({a['sweep_steps']} steps, {a['sweep_subset']} held-out examples); the gated variants use their "

@@ -279,3 +279,17 @@ def test_report_says_when_a_sweep_could_not_choose():
     text = "\n".join(report.quality_section("x.json", rec))
     assert "rsgd 0.01 (every grid point tied, so the smallest was taken)" in text
     assert "radamw 0.01 (at the edge of its grid)" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("quality_m_glue_sst2_labelwords.json", "glue/sst2 (label words), m, 150 steps"),
+        ("quality_m_glue_sst2_labelwords_150steps.json", "glue/sst2 (label words), m, 150 steps"),
+        ("quality_m_glue_sst2_labelwords_rsgd_lr1e-3.json", "glue/sst2 (label words), m, 150 steps, rsgd lr1e-3"),
+    ],
+)
+def test_quality_title_names_a_variant_file(name, expected):
+    rec = {"args": {"task": "glue/sst2", "model": "m", "format": "cloze", "steps": 150}, "formulation": "labelwords"}
+    assert report._quality_title(name, rec) == expected
+    assert report._quality_title(name, rec, short=True) == expected.replace("label words", "labelwords")
