@@ -172,8 +172,8 @@ def test_quality_overview_rows_and_gated_tally():
         return {"args": args, "formulation": "cloze", "summary": summary, "majority_baseline": majority}
 
     records = {
-        "a.json": rec("t1", {"rsgd": 0.50, "grsgd_p0.5": 0.60, "radamw": 0.7}, majority=0.55),
-        "b.json": rec("t2", {"rsgd": 0.50, "grsgd_p0.5": 0.49, "gradamw_p0": 0.9, "grsgd_p0": 0.5}),
+        "quality_m_t1_cloze.json": rec("t1", {"rsgd": 0.50, "grsgd_p0.5": 0.60, "radamw": 0.7}, majority=0.55),
+        "quality_m_t2_cloze.json": rec("t2", {"rsgd": 0.50, "grsgd_p0.5": 0.49, "gradamw_p0": 0.9, "grsgd_p0": 0.5}),
     }
     lines = report.quality_overview(records)
     header = "| task (formulation), model, steps | majority | rsgd | grsgd_p0.5 | grsgd_p0 | radamw | gradamw_p0 |"
@@ -183,7 +183,7 @@ def test_quality_overview_rows_and_gated_tally():
     # t1: +10 points on n=1000 is beyond noise; t2: -1 point is not; grsgd_p0 ties; gradamw_p0 has no radamw
     assert lines[7] == (
         "Gate-rescaled candidate vs its p=1 base (same optimizer and task): "
-        "1 better (1 beyond noise: t1 9 steps grsgd_p0.5), 1 worse (0 beyond noise), 1 exactly equal."
+        "1 better (1 beyond noise: t1 (cloze), m, 9 steps: grsgd_p0.5), 1 worse (0 beyond noise), 1 exactly equal."
     )
 
 
