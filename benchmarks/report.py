@@ -356,7 +356,26 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
     ]
 
 
-def quality_section(name: str, rec: dict) -> list[str]:
+def _lr_source(rec: dict, records: dict[str, dict]) -> str:
+    """Where ``rec``'s fixed learning rates come from: the sweep of another task on the same model that chose
+    every one of them, or "set by hand" when none did."""
+    fixed, a = rec["args"]["lr"], rec["args"]
+    for other in records.values():
+        b = other["args"]
+        swept = any(r["stage"] == "sweep" for r in other["runs"])
+        chosen = other.get("chosen_lr", {})
+        if (
+            other is not rec
+            and swept
+            and b["model"] == a["model"]
+            and all(chosen.get(f) == v for f, v in fixed.items())
+        ):
+            return f"chosen by the {b['task']} sweep, {b['steps']}-step protocol"
+    return "set by hand, not chosen by a sweep"
+
+
+def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None) -> list[str]:
+    """One task's tables, sweep and plot; ``others`` (all records) names where fixed learning rates came from."""
     a, summ = rec["args"], rec.get("summary", {})
     title = _quality_title(name, rec)
     lines = [
@@ -367,10 +386,15 @@ def quality_section(name: str, rec: dict) -> list[str]:
         + (f", sequences cut to {a['max_length']} tokens" if a.get("max_length") else "")
         + ", linear decay, same batches for every candidate; "
         f"scores on a fixed {a['eval_subset']}-example subset of the reported split after {a['early_step']} steps "
-        f"and at the end; mean ± std over seeds. Learning rates were swept on a held-out 10% of train "
-        f"({a['sweep_steps']} steps, {a['sweep_subset']} held-out examples); the gated variants use their "
-        "family's choice, except `_ownlr` ones, which had a sweep of their own."
-        + (f" Fixed learning rates (no sweep here): {_lrs(a['lr'])}." if a.get("lr") else ""),
+        "and at the end; mean ± std over seeds. "
+        + (
+            f"Learning rates were swept on a held-out 10% of train ({a['sweep_steps']} steps, "
+            f"{a['sweep_subset']} held-out examples); the gated variants use their family's choice, except "
+            "`_ownlr` ones, which had a sweep of their own."
+            if any(r["stage"] == "sweep" for r in rec["runs"])
+            else "No learning-rate sweep on this task; the gated variants use their family's learning rate."
+        )
+        + (f" Fixed learning rates: {_lrs(a['lr'])} ({_lr_source(rec, others or {})})." if a.get("lr") else ""),
         "",
         f"| candidate | lr | @{a['early_step']} steps | end | trainable params | seeds |",
         "|---|---:|---:|---:|---:|---|",
@@ -475,7 +499,7 @@ def main() -> None:
         records = {name: _load(name) for name in quality}
         out += quality_overview(records)
         for name, rec in records.items():
-            out += quality_section(name, rec)
+            out += quality_section(name, rec, records)
     out += [
         "## Expert-collapse evidence",
         "",

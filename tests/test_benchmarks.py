@@ -293,3 +293,17 @@ def test_quality_title_names_a_variant_file(name, expected):
     rec = {"args": {"task": "glue/sst2", "model": "m", "format": "cloze", "steps": 150}, "formulation": "labelwords"}
     assert report._quality_title(name, rec) == expected
     assert report._quality_title(name, rec, short=True) == expected.replace("label words", "labelwords")
+
+
+def test_lr_source_finds_the_sweep_that_chose_fixed_learning_rates():
+    def rec(task, model, lr, chosen, swept):
+        runs = [_row("sweep", "rsgd", 0.01, 0, 0.5)] if swept else []
+        return {"args": {"task": task, "model": model, "steps": 9, "lr": lr}, "runs": runs, "chosen_lr": chosen}
+
+    source = rec("a", "m", {}, {"rsgd": 0.01, "radamw": 1e-3}, swept=True)
+    other_model = rec("b", "n", {}, {"rsgd": 0.03}, swept=True)
+    fixed = rec("c", "m", {"rsgd": 0.01}, {"rsgd": 0.01}, swept=False)
+    by_hand = rec("d", "m", {"rsgd": 0.03}, {"rsgd": 0.03}, swept=False)
+    records = {"a": source, "b": other_model, "c": fixed, "d": by_hand}
+    assert report._lr_source(fixed, records) == "chosen by the a sweep, 9-step protocol"
+    assert report._lr_source(by_hand, records) == "set by hand, not chosen by a sweep"
