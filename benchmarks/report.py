@@ -339,7 +339,8 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
             d = _pair_difference(rec, g, b)
             if d is not None:
                 verdict = "tie" if d[0] == 0 else ("better" if d[0] > 0 else "worse")
-                tally[verdict].append((f"{task}: {g}", d[2]))
+                other_lr = summ[g].get("lr") != summ[b].get("lr")  # an _ownlr candidate: lr and gate differ
+                tally[verdict].append((f"{task}: {g}" + (" (at another lr than its base)" if other_lr else ""), d[2]))
 
     def count(kind: str) -> str:
         beyond = [name for name, within in tally[kind] if not within]
