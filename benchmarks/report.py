@@ -358,8 +358,10 @@ def quality_overview(records: dict[str, dict]) -> list[str]:
 
 
 def _lr_source(rec: dict, records: dict[str, dict]) -> str:
-    """Where ``rec``'s fixed learning rates come from: the sweep of another task on the same model that chose
-    every one of them, or "set by hand" when none did."""
+    """Where ``rec``'s fixed learning rates come from, in words.
+
+    The sweep of another task on the same model that chose every one of them, or "set by hand" when none did.
+    """
     fixed, a = rec["args"]["lr"], rec["args"]
     for other in records.values():
         b = other["args"]

@@ -307,3 +307,14 @@ def test_lr_source_finds_the_sweep_that_chose_fixed_learning_rates():
     records = {"a": source, "b": other_model, "c": fixed, "d": by_hand}
     assert report._lr_source(fixed, records) == "chosen by the a sweep, 9-step protocol"
     assert report._lr_source(by_hand, records) == "set by hand, not chosen by a sweep"
+
+
+def test_overview_marks_a_gated_candidate_at_another_lr_than_its_base():
+    summary = {
+        "rsgd": {"final": 0.40, "final_all": [0.40], "seeds": [0], "lr": 3e-3},
+        "grsgd_p0.5_ownlr": {"final": 0.60, "final_all": [0.60], "seeds": [0], "lr": 1e-3},
+    }
+    args = {"task": "t", "model": "m", "format": "cloze", "steps": 9, "eval_subset": 1000}
+    rec = {"args": args, "formulation": "cloze", "summary": summary, "majority_baseline": None}
+    tally = report.quality_overview({"quality_m_t_cloze.json": rec})[-2]
+    assert "1 better (1 beyond noise: t (cloze), m, 9 steps: grsgd_p0.5_ownlr (at another lr than its base))" in tally
