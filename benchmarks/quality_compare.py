@@ -255,6 +255,16 @@ def majority_baseline(dataset) -> float | None:
     return primary_score(dataset.metric, [top] * len(targets), targets)
 
 
+def result_stem(model: str, task: str, formulation: str, quick: bool = False) -> str:
+    """Default results file name (no ``.json``): ``quality_<model>_<task>_<formulation>[_quick]``."""
+    return f"quality_{model}_{task.replace('/', '_')}_{formulation}{'_quick' if quick else ''}"
+
+
+def sweep_runs(record: dict) -> list[dict]:
+    """The record's learning-rate sweep rows, ordered by (family, lr)."""
+    return sorted((r for r in record["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"]))
+
+
 def _key(row: dict) -> str:
     return f"{row['stage']}|{row['candidate']}|{row['lr']:g}|{row['seed']}"
 
@@ -304,7 +314,7 @@ def print_tables(record: dict) -> None:
     form = record.get("formulation", a["format"])
     print(f"\n{a['task']} ({form}), {a['model']}: sweep on held-out train ({a['sweep_steps']} steps)")
     print(f"{'candidate':<18} {'lr':>8} {'held-out':>9}")
-    for r in sorted((r for r in record["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"])):
+    for r in sweep_runs(record):
         print(f"{r['candidate']:<18} {r['lr']:8.0e} {r['final']:9.4f}")
     print(f"chosen: {record.get('chosen_lr')}")
     print(f"\nreported split subset ({a['eval_subset']}), {a['steps']} steps x batch {a['batch_size']}")
@@ -366,8 +376,7 @@ def main() -> None:
         if args.model_kind == "sequence_classification"
         else (args.format if task_type == "mcq" else "labelwords")
     )
-    stem = f"quality_{args.model}_{args.task.replace('/', '_')}_{formulation}{'_quick' if args.quick else ''}"
-    out = args.out or RESULTS / f"{stem}.json"
+    out = args.out or RESULTS / f"{result_stem(args.model, args.task, formulation, args.quick)}.json"
     record = json.loads(out.read_text()) if out.exists() else {}
     if args.summary:
         print_tables(record)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from _common import pct
-from quality_compare import CANDIDATES
+from quality_compare import CANDIDATES, result_stem, sweep_runs
 
 from riemix.fileio import atomic_write, atomic_write_text
 
@@ -308,8 +308,7 @@ def _quality_title(name: str, rec: dict, short: bool = False) -> str:
     a, code = rec["args"], rec.get("formulation", rec["args"]["format"])
     form = code if short else {"head": "classification head", "labelwords": "label words"}.get(code, code)
     title = f"{a['task']} ({form}), {a['model']}, {a['steps']} steps"
-    variant = name.removesuffix(".json").removeprefix(f"quality_{a['model']}_{a['task'].replace('/', '_')}_{code}")
-    variant = variant.strip("_")
+    variant = name.removesuffix(".json").removeprefix(result_stem(a["model"], a["task"], code)).strip("_")
     return title + (f", {variant.replace('_', ' ')}" if variant and variant != f"{a['steps']}steps" else "")
 
 
@@ -365,11 +364,10 @@ def _lr_source(rec: dict, records: dict[str, dict]) -> str:
     fixed, a = rec["args"]["lr"], rec["args"]
     for other in records.values():
         b = other["args"]
-        swept = any(r["stage"] == "sweep" for r in other["runs"])
         chosen = other.get("chosen_lr", {})
         if (
             other is not rec
-            and swept
+            and sweep_runs(other)
             and b["model"] == a["model"]
             and all(chosen.get(f) == v for f, v in fixed.items())
         ):
@@ -381,6 +379,7 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
     """One task's tables, sweep and plot; ``others`` (all records) names where fixed learning rates came from."""
     a, summ = rec["args"], rec.get("summary", {})
     title = _quality_title(name, rec)
+    sweep = sweep_runs(rec)
     lines = [
         f"### {title}",
         "",
@@ -394,7 +393,7 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
             f"Learning rates were swept on a held-out 10% of train ({a['sweep_steps']} steps, "
             f"{a['sweep_subset']} held-out examples); the gated variants use their family's choice, except "
             "`_ownlr` ones, which had a sweep of their own."
-            if any(r["stage"] == "sweep" for r in rec["runs"])
+            if sweep
             else "No learning-rate sweep on this task; the gated variants use their family's learning rate."
         )
         + (f" Fixed learning rates: {_lrs(a['lr'])} ({_lr_source(rec, others or {})})." if a.get("lr") else ""),
@@ -427,7 +426,6 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
             "|---|---:|---:|---|---:|",
             *diffs,
         ]
-    sweep = sorted((r for r in rec["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"]))
     if sweep:
         lines += [
             "",
