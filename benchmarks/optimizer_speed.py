@@ -6,7 +6,10 @@ E experts of rank r (default E=20, r=4: 2,400 expert pairs, 11.1M adapter parame
 Candidates (interleaved, median of N steps; gradients are fixed random tensors):
 
 - ``torch_adamw`` / ``torch_sgd``: ``torch.optim.AdamW`` / ``SGD`` with ``foreach=True`` (no preconditioning);
-- ``riemix_radamw`` / ``riemix_rsgd``: ``RiemannianAdamW`` / ``RiemannianSGD`` (batched preconditioning);
+- ``torch_adamw_fused``: ``torch.optim.AdamW(fused=True)``, torch's one-kernel update (no preconditioning);
+- ``riemix_radamw`` / ``riemix_rsgd``: ``RiemannianAdamW`` / ``RiemannianSGD`` (batched preconditioning;
+  RAdamW runs its elementwise update in torch's fused kernel, its default);
+- ``riemix_radamw_foreach``: ``RiemannianAdamW(fused=False)``, the multi-tensor ``torch._foreach_*`` update;
 - ``peft_riemannian_adamw``: PEFT's ``create_riemannian_optimizer(model, torch.optim.AdamW)`` on a PEFT
   model holding the same number of rank-r LoRA pairs (one 2-D pair per expert; PEFT has no MoE layout).
 
@@ -52,9 +55,7 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
     holder.forward = lambda x: x
     model = get_peft_model(
         holder,
-        LoraConfig(
-            r=rank, lora_alpha=16, target_modules=["blocks." + str(i) for i in range(layers * experts)]
-        ),
+        LoraConfig(r=rank, lora_alpha=16, target_modules=["blocks." + str(i) for i in range(layers * experts)]),
     )
     g = torch.Generator().manual_seed(1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,9 +74,7 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=120)
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--rank", type=int, default=4)
@@ -91,11 +90,15 @@ def main() -> None:
     a, b, rt = make_params(L, E, r, d)
     cands["torch_adamw"] = torch.optim.AdamW(a + b + rt, lr=1e-4, weight_decay=0.0, foreach=True)
     a, b, rt = make_params(L, E, r, d)
-    cands["riemix_radamw"] = RiemannianAdamW(
-        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
-        lr=1e-4,
-        lora_pairs=list(zip(a, b, strict=True)),
-    )
+    cands["torch_adamw_fused"] = torch.optim.AdamW(a + b + rt, lr=1e-4, weight_decay=0.0, fused=True)
+    for name, fused in (("riemix_radamw", None), ("riemix_radamw_foreach", False)):
+        a, b, rt = make_params(L, E, r, d)
+        cands[name] = RiemannianAdamW(
+            [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
+            lr=1e-4,
+            fused=fused,
+            lora_pairs=list(zip(a, b, strict=True)),
+        )
     a, b, rt = make_params(L, E, r, d)
     cands["torch_sgd"] = torch.optim.SGD(a + b + rt, lr=1e-4, momentum=0.9, foreach=True)
     a, b, rt = make_params(L, E, r, d)
@@ -111,6 +114,7 @@ def main() -> None:
         except ImportError:
             print("peft not installed: skipping its Riemannian optimizer (pip install peft)")
     names = list(cands)
+
     def prepare(name: str) -> None:
         restore = getattr(cands[name], "riemix_bench_restore", None)
         if restore is not None:
@@ -130,12 +134,12 @@ def main() -> None:
     med = {n: statistics.median(t) for n, t in times.items()}
     ratios = {
         "riemix_radamw_over_torch_adamw": med["riemix_radamw"] / med["torch_adamw"],
+        "riemix_radamw_over_torch_adamw_fused": med["riemix_radamw"] / med["torch_adamw_fused"],
+        "riemix_radamw_foreach_over_torch_adamw": med["riemix_radamw_foreach"] / med["torch_adamw"],
         "riemix_rsgd_over_torch_sgd": med["riemix_rsgd"] / med["torch_sgd"],
     }
     if "peft_riemannian_adamw" in med:
-        ratios["peft_riemannian_adamw_over_riemix_radamw"] = (
-            med["peft_riemannian_adamw"] / med["riemix_radamw"]
-        )
+        ratios["peft_riemannian_adamw_over_riemix_radamw"] = med["peft_riemannian_adamw"] / med["riemix_radamw"]
     n_params = L * E * r * d * 2
     print(
         f"optimizer step: {L} layers x E={E} experts x rank {r}, width {d} ({n_params / 1e6:.1f}M A/B params "

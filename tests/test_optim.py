@@ -149,11 +149,12 @@ def matmul_path(request, monkeypatch):
     return request.param
 
 
-def test_adamw_matches_per_expert_formula_multi_step(matmul_path):
+@pytest.mark.parametrize("fused", [None, False])
+def test_adamw_matches_per_expert_formula_multi_step(matmul_path, fused):
     pairs = make_pairs()
     ref_pairs = [tuple(clone_params(p)) for p in pairs]
     lr, (b1, b2), eps, wd, reg = 0.01, (0.8, 0.9), 1e-8, 0.1, 1e-4
-    kw = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, reg=reg)
+    kw = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, reg=reg, fused=fused)
     opt = RiemannianAdamW(flat(pairs), lora_pairs=pairs, **kw)
     m, v = {}, {}
     for step in range(1, 4):
@@ -167,6 +168,39 @@ def test_adamw_matches_per_expert_formula_multi_step(matmul_path):
                 p.mul_(1 - lr * wd)
                 p -= lr * (m[p] / (1 - b1**step)) / ((v[p] / (1 - b2**step)).sqrt() + eps)
     assert_params_close(flat(pairs), flat(ref_pairs), atol=1e-11)
+
+
+def test_fused_and_foreach_adamw_agree_with_strided_grads_and_mixed_steps():
+    pairs = make_pairs()
+    router = nn.Parameter(torch.randn(3, 6, dtype=F64))
+    runs = {}
+    for fused in (True, False):
+        ps = clone_params(flat(pairs) + [router])
+        ab = [tuple(ps[i : i + 2]) for i in range(0, len(ps) - 1, 2)]
+        opt = RiemannianAdamW(ps, lr=0.01, weight_decay=0.1, fused=fused, lora_pairs=ab)
+        for step in range(4):
+            for i, p in enumerate(ps):  # strided (transposed) grads; the router skips step 1
+                g = torch.randn(p.shape[::-1], dtype=F64, generator=torch.Generator().manual_seed(10 * step + i))
+                p.grad = None if (p is ps[-1] and step == 1) else g.permute(*reversed(range(g.dim())))
+            opt.step()
+        assert opt.state[ps[-1]]["step"] == 3 and opt.state[ps[0]]["step"] == 4
+        runs[fused] = ps
+    assert_params_close(runs[True], runs[False], atol=1e-13)
+
+
+def test_adamw_loads_a_state_dict_saved_without_fused():
+    pairs = make_pairs(SPECS[:1])
+    set_grads(flat(pairs), seed=0)
+    opt = RiemannianAdamW(flat(pairs), lr=0.01, lora_pairs=pairs)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["fused"]
+    fresh = RiemannianAdamW(flat(pairs), lr=0.01, lora_pairs=pairs)
+    fresh.load_state_dict(saved)
+    assert all(group["fused"] is None for group in fresh.param_groups)
+    fresh.step()
+    assert fresh.state[pairs[0][0]]["step"] == 2
 
 
 def test_missing_grads_are_skipped_and_half_pairs_work():
@@ -426,6 +460,12 @@ def _p(*shape):
         (lambda: RiemannianAdamW([_p(2)], max_grad_norm=0.0), "Invalid max_grad_norm"),
         (lambda: RiemannianAdamW([_p(2)], precondition="yes"), "Invalid precondition"),
         (lambda: RiemannianAdamW([_p(2)], reference_compat=1), "Invalid reference_compat"),
+        (lambda: RiemannianAdamW([_p(2)], fused="yes"), "Invalid fused"),
+        (lambda: RiemannianAdamW([_p(2)], fused=True, reference_compat=True), "Invalid fused: True is not"),
+        (
+            lambda: RiemannianAdamW([nn.Parameter(torch.zeros(2, device="meta"))], fused=True),
+            "Invalid fused: True needs floating-point",
+        ),
         (lambda: RiemannianAdamW([{"params": [_p(2)], "lr": -0.5}]), "Invalid lr"),
         (lambda: RiemannianAdamW([{"params": [_p(2)], "reg": float("nan")}]), "Invalid reg"),
         (lambda: RiemannianSGD([_p(2)], lr=-0.1), "Invalid lr"),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices as _fused_kernels_supported_devices
 
 __all__ = ["OPTIMIZER_NAMES", "RiemannianAdamW", "RiemannianSGD", "build_optimizer"]
 
@@ -49,6 +50,7 @@ _RULES: dict[str, Callable[[Any], bool]] = {
     "precondition": lambda v: isinstance(v, bool),
     "reference_compat": lambda v: isinstance(v, bool),
     "nesterov": lambda v: isinstance(v, bool),
+    "fused": lambda v: v is None or isinstance(v, bool),
 }
 
 
@@ -59,6 +61,17 @@ def _validate_options(opts: dict[str, Any]) -> None:
             _check(ok(opts[key]), key, opts[key])
     if opts.get("nesterov") and (opts["momentum"] <= 0 or opts["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if opts.get("fused") and opts.get("reference_compat"):
+        raise ValueError("Invalid fused: True is not supported with reference_compat=True")
+
+
+def _all_contiguous(ts: list[Tensor]) -> bool:
+    return all(t.is_contiguous() for t in ts)
+
+
+def _fusable(t: Tensor) -> bool:
+    """True when torch's fused AdamW kernel supports ``t`` (floating point, on a supported device)."""
+    return torch.is_floating_point(t) and t.device.type in _fused_kernels_supported_devices()
 
 
 def _stack_matmuls(device: torch.device) -> bool:
@@ -366,6 +379,11 @@ class RiemannianAdamW(_RiemannianOptimizer):
             weight decay applied after the Adam step, and B's preconditioner built from the
             already-updated A (decided by B's group).
         max_grad_norm: If set, clip the total L2 grad norm of the group before the update.
+        fused: Run the elementwise AdamW update in torch's fused kernel (one pass over parameter, grad
+            and moments; same formula, rounding may differ in the last bit from the multi-tensor path).
+            None (default) uses it wherever it is supported (contiguous floating-point parameters on
+            CPU/CUDA/...); True also requires a supported device and dtype at construction; False always
+            takes the ``torch._foreach_*`` path. Not with ``reference_compat``.
         lora_pairs: Iterable of (A, B) parameters; A is (E, r, in) or (r, in), B (E, out, r) or (out, r).
     """
 
@@ -382,13 +400,47 @@ class RiemannianAdamW(_RiemannianOptimizer):
         precondition: bool = True,
         reference_compat: bool = False,
         max_grad_norm: float | None = None,
+        fused: bool | None = None,
         lora_pairs: Iterable = (),
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, reg=reg,
             precondition=precondition, reference_compat=reference_compat, max_grad_norm=max_grad_norm,
+            fused=fused,
         )  # fmt: skip
         super().__init__(params, defaults, lora_pairs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state_dicts saved before ``fused`` existed
+            group.setdefault("fused", None)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        bad = [p for p in group["params"] if not _fusable(p)]
+        if group["fused"] and bad:
+            raise ValueError(
+                f"Invalid fused: True needs floating-point parameters on one of "
+                f"{', '.join(_fused_kernels_supported_devices())}; got {bad[0].dtype} on {bad[0].device}"
+            )
+
+    def _fused_update(self, group: dict, ps: list[Tensor], gs: list[Tensor], steps: list[int]) -> None:
+        """AdamW on one (device, dtype) bucket in torch's fused kernel (bias-corrected, decoupled decay).
+
+        The kernel reads its tensors as dense buffers (strides are ignored on CPU, measured with torch
+        2.13), so strided grads are made contiguous first; strided params never get here.
+        """
+        gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
+        beta1, beta2 = group["betas"]
+        eps = group["eps"] if group["eps"] is not None else 1e-8
+        device = ps[0].device
+        step_t = {s: torch.tensor(float(s), dtype=torch.float32, device=device) for s in set(steps)}
+        torch._fused_adamw_(
+            ps, gs, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps], [],
+            [step_t[s] for s in steps], lr=group["lr"], beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -404,6 +456,9 @@ class RiemannianAdamW(_RiemannianOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 steps.append(state["step"])
+            if not compat and group["fused"] is not False and _fusable(ps[0]) and _all_contiguous(ps):
+                self._fused_update(group, ps, gs, steps)
+                continue
             exp_avgs = [self.state[p]["exp_avg"] for p in ps]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
             if wd != 0 and not compat:
@@ -436,9 +491,7 @@ def _is_moe_lora(module: nn.Module, layer_cls: type | None) -> bool:
     if layer_cls is not None and isinstance(module, layer_cls):
         return True
     factors = (getattr(module, "lora_A", None), getattr(module, "lora_B", None))
-    return all(isinstance(f, nn.Parameter) for f in factors) and isinstance(
-        getattr(module, "router", None), nn.Module
-    )
+    return all(isinstance(f, nn.Parameter) for f in factors) and isinstance(getattr(module, "router", None), nn.Module)
 
 
 def build_optimizer(
