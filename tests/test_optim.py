@@ -247,6 +247,21 @@ def test_unpreconditioned_matches_torch(kind, kwargs):
     assert_params_close(params, ref_params)
 
 
+def test_sgd_momentum_with_params_that_join_late_matches_torch():
+    params = [nn.Parameter(torch.randn(3, 4, dtype=F64)) for _ in range(3)]
+    ref_params = clone_params(params)
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.2)
+    ours, ref = RiemannianSGD(params, precondition=False, **kw), torch.optim.SGD(ref_params, **kw)
+    for step in range(4):  # param i first gets a grad at step i: new and old momentum buffers mix
+        for ps in (params, ref_params):
+            set_grads(ps, step)
+            for i, p in enumerate(ps):
+                p.grad = p.grad if i <= step else None
+        ours.step()
+        ref.step()
+    assert_params_close(params, ref_params)
+
+
 # 4. reference_compat ----------------------------------------------------------------------------
 def test_reference_compat_adamw_uses_updated_a_and_no_bias_correction(matmul_path):
     pairs = make_pairs(SPECS[:1] + SPECS[-1:])

@@ -347,15 +347,14 @@ class RiemannianSGD(_RiemannianOptimizer):
             if wd != 0 and group["reference_compat"]:
                 torch._foreach_mul_(ps, 1.0 - lr * wd)
             if momentum != 0:
-                bufs = []
-                for p, g in zip(ps, gs, strict=True):
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = g.clone(memory_format=torch.contiguous_format)
-                    else:
-                        buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
-                    bufs.append(buf)
+                bufs = [self.state[p].get("momentum_buffer") for p in ps]
+                old = [(b, g) for b, g in zip(bufs, gs, strict=True) if b is not None]
+                if old:  # buf <- momentum * buf + (1 - dampening) * g, in two multi-tensor ops
+                    torch._foreach_mul_([b for b, _ in old], momentum)
+                    torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1.0 - dampening)
+                for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                    if bufs[i] is None:  # first step of this param: the buffer starts as the grad
+                        bufs[i] = self.state[p]["momentum_buffer"] = g.clone(memory_format=torch.contiguous_format)
                 gs = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
             torch._foreach_add_(ps, gs, alpha=-lr)
 
