@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices as _fused_kernels_supported_devices
+
+try:  # the devices torch's fused optimizer kernels run on (CPU from torch 2.4)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices as _fused_kernels_supported_devices
+except ImportError:  # pragma: no cover - a torch without the helper: never fuse
+
+    def _fused_kernels_supported_devices() -> list[str]:
+        return []
+
 
 __all__ = ["OPTIMIZER_NAMES", "RiemannianAdamW", "RiemannianSGD", "build_optimizer"]
 
