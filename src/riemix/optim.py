@@ -72,10 +72,6 @@ def _validate_options(opts: dict[str, Any]) -> None:
         raise ValueError("Invalid fused: True is not supported with reference_compat=True")
 
 
-def _all_contiguous(ts: list[Tensor]) -> bool:
-    return all(t.is_contiguous() for t in ts)
-
-
 def _fusable(t: Tensor) -> bool:
     """True when torch's fused AdamW kernel supports ``t`` (floating point, on a supported device)."""
     return torch.is_floating_point(t) and t.device.type in _fused_kernels_supported_devices()
@@ -424,28 +420,31 @@ class RiemannianAdamW(_RiemannianOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        bad = [p for p in group["params"] if not _fusable(p)]
-        if group["fused"] and bad:
+        bad = [p for p in group["params"] if not _fusable(p)] if group["fused"] else []
+        if bad:
             raise ValueError(
                 f"Invalid fused: True needs floating-point parameters on one of "
                 f"{', '.join(_fused_kernels_supported_devices())}; got {bad[0].dtype} on {bad[0].device}"
             )
 
-    def _fused_update(self, group: dict, ps: list[Tensor], gs: list[Tensor], steps: list[int]) -> None:
+    def _fused_update(self, ps: list[Tensor], gs: list[Tensor], steps: list[int], **hyper: float) -> None:
         """AdamW on one (device, dtype) bucket in torch's fused kernel (bias-corrected, decoupled decay).
 
         The kernel reads its tensors as dense buffers (strides are ignored on CPU, measured with torch
         2.13), so strided grads are made contiguous first; strided params never get here.
+
+        Args:
+            ps: Parameters of the bucket (one device and dtype, contiguous).
+            gs: Their (preconditioned) grads.
+            steps: Their step counts after this step's increment.
+            **hyper: The resolved ``lr``, ``beta1``, ``beta2``, ``weight_decay`` and ``eps``.
         """
-        gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
-        beta1, beta2 = group["betas"]
-        eps = group["eps"] if group["eps"] is not None else 1e-8
         device = ps[0].device
         step_t = {s: torch.tensor(float(s), dtype=torch.float32, device=device) for s in set(steps)}
         torch._fused_adamw_(
-            ps, gs, [self.state[p]["exp_avg"] for p in ps], [self.state[p]["exp_avg_sq"] for p in ps], [],
-            [step_t[s] for s in steps], lr=group["lr"], beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], eps=eps, amsgrad=False, maximize=False,
+            ps, [g.contiguous() for g in gs], [self.state[p]["exp_avg"] for p in ps],
+            [self.state[p]["exp_avg_sq"] for p in ps], [], [step_t[s] for s in steps],
+            amsgrad=False, maximize=False, **hyper,
         )  # fmt: skip
 
     def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -462,8 +461,8 @@ class RiemannianAdamW(_RiemannianOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 steps.append(state["step"])
-            if not compat and group["fused"] is not False and _fusable(ps[0]) and _all_contiguous(ps):
-                self._fused_update(group, ps, gs, steps)
+            if not compat and group["fused"] is not False and _fusable(ps[0]) and all(p.is_contiguous() for p in ps):
+                self._fused_update(ps, gs, steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps)
                 continue
             exp_avgs = [self.state[p]["exp_avg"] for p in ps]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
