@@ -76,7 +76,7 @@ def train_loop(
     Returns:
         The per-step losses, the training time and the divergence step, if any.
     """
-    from riemix.train import linear_schedule
+    from riemix.training.recipe import linear_schedule
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(0, steps))
     result = LoopResult()

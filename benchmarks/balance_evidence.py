@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 
 VARIANTS = {
     "none": {},
@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def run_variant(name: str, extra: dict, args: argparse.Namespace, root: Path) -> dict:
-    from riemix.train import TrainConfig, train
+    from riemix.training.recipe import TrainConfig, train
 
     cfg = TrainConfig.from_dict(
         {

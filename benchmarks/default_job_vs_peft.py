@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from _common import record_header, train_loop
 
-from riemix.fileio import atomic_write_text
-from riemix.train import TrainConfig, _batch_at, _seed_everything, train
+from riemix.io.fileio import atomic_write_text
+from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,7 +49,7 @@ def run_peft(steps: int, lr: float) -> dict:
 
     from riemix.data import load_dataset
     from riemix.evaluate import evaluate
-    from riemix.models import load_model
+    from riemix.hub.loading import load_model
     from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
 
     cfg = TrainConfig(max_steps=steps)

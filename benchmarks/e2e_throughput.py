@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from _common import record_header
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 CANDIDATES = ("frozen_base", "peft_lora_r16", "riemix_20_10_4", "riemix_8_2_4")
@@ -40,7 +40,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def build(name: str):
     """Model, task wrapper and optimizer (None for the frozen base) of one candidate."""
     from riemix import MoELoRAConfig, add_moe_lora, build_optimizer
-    from riemix.models import load_model
+    from riemix.hub.loading import load_model
     from riemix.tasks import TaskModel
 
     model, tok = load_model("smollm2-135m")

@@ -26,9 +26,9 @@ import torch
 from _common import record_header
 from torch import nn
 
-from riemix.fileio import atomic_write_text
-from riemix.layer import MoELoRALinear
-from riemix.routing import gate_grad_coefficients, route
+from riemix.core.layer import MoELoRALinear
+from riemix.core.routing import gate_grad_coefficients, route
+from riemix.io.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 

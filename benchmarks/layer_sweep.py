@@ -21,7 +21,7 @@ import torch
 from _common import record_header
 from layer_speed import measure
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 BASE = {"experts": 8, "top_k": 2, "rank": 4, "width": 1024, "tokens": 1024}

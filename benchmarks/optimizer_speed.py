@@ -29,7 +29,7 @@ import torch
 from _common import record_header
 from torch import nn
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 from riemix.optim import RiemannianAdamW, RiemannianSGD
 
 RESULTS = Path(__file__).parent / "results"

@@ -54,7 +54,7 @@ from typing import Any
 
 from _common import pct, record_header, train_loop
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -132,10 +132,10 @@ def _build(job: dict):
     """Model (adapted), tokenizer, optimizer and trainable-parameter count for one candidate."""
     import torch
 
-    from riemix.config import MoELoRAConfig
-    from riemix.models import load_model
+    from riemix.core.config import MoELoRAConfig
+    from riemix.core.tuner import add_moe_lora
+    from riemix.hub.loading import load_model
     from riemix.optim import build_optimizer
-    from riemix.tuner import add_moe_lora
 
     num_labels = job.get("num_labels")
     model, tok = load_model(job["model"], task=job["model_kind"], num_labels=num_labels)
@@ -153,7 +153,7 @@ def _build(job: dict):
     else:
         add_moe_lora(model, MoELoRAConfig(**adapter, gate_grad_power=power))
     if job["model_kind"] == "sequence_classification":
-        from riemix.train import HEAD_NAMES
+        from riemix.training.recipe import HEAD_NAMES
 
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in HEAD_NAMES:
@@ -170,7 +170,7 @@ def run_job(job: dict) -> dict:
     """Train one (stage, candidate, lr, seed) and evaluate it; returns the result row."""
     from riemix.evaluate import predict
     from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
-    from riemix.train import TrainConfig, _batch_at, _seed_everything
+    from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything
 
     t0 = time.time()
     train_ds, eval_ds = _data(job)

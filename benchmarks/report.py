@@ -14,7 +14,7 @@ from pathlib import Path
 from _common import pct
 from quality_compare import CANDIDATES, result_stem, sweep_runs
 
-from riemix.fileio import atomic_write, atomic_write_text
+from riemix.io.fileio import atomic_write, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

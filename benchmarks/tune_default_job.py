@@ -15,15 +15,15 @@ from pathlib import Path
 
 from _common import train_loop
 
-from riemix.config import MoELoRAConfig
+from riemix.core.config import MoELoRAConfig
+from riemix.core.tuner import add_moe_lora
 from riemix.data import load_dataset
 from riemix.evaluate import evaluate
-from riemix.fileio import atomic_write_text
-from riemix.models import load_model
+from riemix.hub.loading import load_model
+from riemix.io.fileio import atomic_write_text
 from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
-from riemix.train import TrainConfig, _batch_at, _seed_everything
-from riemix.tuner import add_moe_lora
+from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything
 
 
 def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _common import record_header
 
-from riemix.fileio import atomic_write_text
+from riemix.io.fileio import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = ["commonsense_qa", "openbookqa", "arc_easy", "scienceqa"]
@@ -38,7 +38,7 @@ def main() -> None:
 
     from riemix.data import load_dataset
     from riemix.evaluate import evaluate
-    from riemix.models import load_model
+    from riemix.hub.loading import load_model
     from riemix.tasks import TaskModel, TaskSpec
 
     model, tok = load_model(args.model)

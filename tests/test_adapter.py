@@ -9,7 +9,7 @@ import torch
 from tiny import make_tiny_bert, make_tiny_llama, tiny_inputs
 
 from riemix import AdapterError, MoELoRAConfig, add_moe_lora, iter_moe_lora_layers, load_adapter, save_adapter
-from riemix.adapter import CONFIG_NAME, WEIGHTS_NAME
+from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME
 
 CFG = dict(num_experts=3, top_k=2, rank=2, target_modules=["q_proj", "v_proj"])
 
@@ -66,7 +66,7 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("riemix.adapter.save_file", boom)
+    monkeypatch.setattr("riemix.io.adapter.save_file", boom)
     with torch.no_grad():
         next(iter_moe_lora_layers(model))[1].lora_B.add_(1.0)
     with pytest.raises(RuntimeError, match="disk full"):

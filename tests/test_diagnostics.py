@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from riemix.diagnostics import (
+from riemix.core.routing import route
+from riemix.diagnostics.monitor import (
     RoutingMonitor,
     coefficient_of_variation,
     effective_rank,
@@ -18,8 +19,7 @@ from riemix.diagnostics import (
     usage_entropy,
     weight_diagnostics,
 )
-from riemix.routing import route
-from riemix.train_config import TrainConfig
+from riemix.training.config import TrainConfig
 
 D = torch.float64
 
@@ -166,7 +166,7 @@ def test_trainer_logs_each_regulariser_and_diagnostics(tmp_path, mode):
     from test_train import base_cfg, tiny_tokenizer, write_mcq
     from tiny import make_tiny_llama
 
-    from riemix.train import train
+    from riemix.training.recipe import train
 
     files = write_mcq(tmp_path / "train.jsonl", 32, 0), write_mcq(tmp_path / "dev.jsonl", 8, 1)
     cfg = base_cfg(
@@ -203,8 +203,8 @@ def test_trainer_logs_each_regulariser_and_diagnostics(tmp_path, mode):
 
 
 def test_collect_and_compact_on_a_layer():
-    from riemix.diagnostics import collect_diagnostics, compact_diagnostics
-    from riemix.layer import MoELoRALinear
+    from riemix.core.layer import MoELoRALinear
+    from riemix.diagnostics.monitor import collect_diagnostics, compact_diagnostics
 
     torch.manual_seed(0)
     layer = MoELoRALinear(torch.nn.Linear(5, 3).double(), 4, 2, 2.0, 1)

@@ -18,9 +18,9 @@ from riemix import (
     load_adapter,
     save_adapter,
 )
-from riemix.cli import main
-from riemix.init import initial_gates
-from riemix.tuner import set_scale_progress
+from riemix.cli.main import main
+from riemix.core.init import initial_gates
+from riemix.core.tuner import set_scale_progress
 
 F64 = torch.float64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -256,7 +256,7 @@ def test_check_init_fails_without_warmup(tmp_path, capsys):
 def test_check_init_on_a_run_directory(tmp_path):
     from test_train import tiny_tokenizer, write_mcq
 
-    from riemix.train import TrainConfig, train
+    from riemix.training.recipe import TrainConfig, train
 
     cfg = TrainConfig.from_dict(
         dict(
@@ -291,7 +291,7 @@ def test_check_init_on_a_run_directory(tmp_path):
 
 
 def test_train_cli_exposes_the_new_adapter_flags():
-    from riemix.cli import build_parser
+    from riemix.cli.main import build_parser
 
     ns = build_parser().parse_args(
         ["train", "--init", "small_b", "--scale-warmup-steps", "5", "--expert-scales", "true",
@@ -313,7 +313,7 @@ def test_resume_with_scale_warmup_and_temperature_decay_is_bit_identical(tmp_pat
 
     from test_train import tiny_tokenizer, write_mcq
 
-    from riemix.train import TrainConfig, train
+    from riemix.training.recipe import TrainConfig, train
 
     data = write_mcq(tmp_path / "tr.jsonl", 32, 0)
 

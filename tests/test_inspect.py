@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from riemix.cli import main
-from riemix.diagnostics import weight_diagnostics
-from riemix.inspect_run import adapter_diagnostics, inspect_run
+from riemix.cli.main import main
+from riemix.diagnostics.inspect import adapter_diagnostics, inspect_run
+from riemix.diagnostics.monitor import weight_diagnostics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     from test_train import base_cfg, tiny_tokenizer, write_mcq
     from tiny import make_tiny_llama
 
-    from riemix.train import train
+    from riemix.training.recipe import train
 
     tmp = tmp_path_factory.mktemp("inspect")
     files = write_mcq(tmp / "train.jsonl", 32, 0), write_mcq(tmp / "dev.jsonl", 8, 1)
@@ -132,7 +132,7 @@ def test_metrics_lines_must_have_a_step(tmp_path):
 def test_adapter_with_missing_or_corrupt_tensors(tiny_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from riemix.adapter import AdapterError
+    from riemix.io.adapter import AdapterError
 
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_run / "adapter", adapter)

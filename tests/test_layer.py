@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from riemix.layer import MoELoRALinear
-from riemix.routing import gate_grad_coefficients, route
+from riemix.core.layer import MoELoRALinear
+from riemix.core.routing import gate_grad_coefficients, route
 
 E, R, D_IN, D_OUT = 5, 3, 7, 6
 

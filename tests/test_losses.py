@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from riemix.losses import (
+from riemix.core.regularizers import (
     cosine_similarity_a,
     cosine_similarity_ba,
     expert_diversity_loss,
@@ -229,8 +229,8 @@ def test_inject_gradients_validation():
 
 def _two_layer_grads(mode, router_coefs, param_coefs):
     """Gradients of a two-layer fp64 MoE-LoRA stack under the trainer's regulariser handling."""
-    from riemix.layer import MoELoRALinear
-    from riemix.train import TrainConfig, _aux_loss
+    from riemix.core.layer import MoELoRALinear
+    from riemix.training.recipe import TrainConfig, _aux_loss
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(

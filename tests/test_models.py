@@ -1,4 +1,4 @@
-"""Tests for riemix.models (fast: tiny random models; the real GGUF is never dequantised here)."""
+"""Tests for riemix.hub.loading (fast: tiny random models; the real GGUF is never dequantised here)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import riemix.models as rm
-from riemix.models import ModelLoadError, linear_module_names, list_builtin_models, load_model
+import riemix.hub.loading as rm
+from riemix.hub.loading import ModelLoadError, linear_module_names, list_builtin_models, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +95,7 @@ def test_local_dir_sequence_classification_bert(tmp_path, caplog):
     )
     encoder = BertModel(config)
     encoder.save_pretrained(tmp_path / "bert")
-    with caplog.at_level(logging.INFO, logger="riemix.models"):
+    with caplog.at_level(logging.INFO, logger="riemix.hub.loading"):
         model, tokenizer = load_model(str(tmp_path / "bert"), task="sequence_classification", num_labels=3)
     assert tokenizer is None
     assert type(model).__name__ == "BertForSequenceClassification"
@@ -104,7 +104,7 @@ def test_local_dir_sequence_classification_bert(tmp_path, caplog):
     with torch.no_grad():
         assert model(input_ids=IDS).logits.shape == (1, 3)
     # The new head is expected: reported at INFO, not as a warning.
-    ours = [r for r in caplog.records if r.name == "riemix.models"]
+    ours = [r for r in caplog.records if r.name == "riemix.hub.loading"]
     assert any("classification head" in r.getMessage() for r in ours if r.levelno == logging.INFO)
     assert not [r for r in ours if r.levelno >= logging.WARNING]
 

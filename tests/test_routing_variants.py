@@ -16,8 +16,8 @@ from riemix import (
     load_adapter,
     save_adapter,
 )
-from riemix.routing import route, top_p_select
-from riemix.tuner import (
+from riemix.core.routing import route, top_p_select
+from riemix.core.tuner import (
     router_temperature_at,
     scale_anchor_loss,
     scale_warmup_factor,
@@ -31,7 +31,7 @@ F64 = torch.float64
 
 
 def reference_gates(logits, mode, k, temp=1.0, top_p=1.0, noise=None):
-    """Plain routing, independent of riemix.routing: softmax(l/T) over a selected set."""
+    """Plain routing, independent of riemix.core.routing: softmax(l/T) over a selected set."""
     n, e = logits.shape
     if mode == "global":
         return e * torch.softmax(logits / temp, dim=-1)

@@ -11,9 +11,9 @@ import torch
 from tiny import make_tiny_bert, make_tiny_llama
 
 from riemix import iter_moe_lora_layers
-from riemix.adapter import load_adapter
-from riemix.cli import main
-from riemix.train import TrainConfig, linear_schedule, train
+from riemix.cli.main import main
+from riemix.io.adapter import load_adapter
+from riemix.training.recipe import TrainConfig, linear_schedule, train
 
 GOOD = ["apple", "pear", "plum", "fig"]
 BAD = ["rock", "sand", "iron", "salt", "clay", "dust"]

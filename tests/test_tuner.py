@@ -8,7 +8,7 @@ from tiny import TINY_MODELS, tiny_inputs
 from torch import nn
 
 from riemix import MoELoRAConfig, MoELoRALinear, add_moe_lora, iter_moe_lora_layers
-from riemix.tuner import layer_index
+from riemix.core.tuner import layer_index
 
 CONFIGS = {
     "softmax_topk": dict(num_experts=4, top_k=2, rank=2, routing="softmax_topk", gate_grad_power=0.5),

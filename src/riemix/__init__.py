@@ -1,10 +1,10 @@
 """riemix: mixture-of-LoRA-experts fine-tuning with gate-rescaled Riemannian preconditioned optimizers."""
 
-from .adapter import AdapterError, load_adapter, save_adapter
-from .config import MoELoRAConfig
-from .layer import MoELoRALinear, moe_lora_linear
-from .optim import RiemannianAdamW, RiemannianSGD, build_optimizer
-from .tuner import add_moe_lora, iter_moe_lora_layers
+from riemix.core.config import MoELoRAConfig
+from riemix.core.layer import MoELoRALinear, moe_lora_linear
+from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers
+from riemix.io.adapter import AdapterError, load_adapter, save_adapter
+from riemix.optim import RiemannianAdamW, RiemannianSGD, build_optimizer
 
 __version__ = "0.1.0"
 

@@ -553,7 +553,7 @@ def build_optimizer(
     _check(gate_lr >= 0.0, "gate_lr", gate_lr)
     _check(loraplus_ratio > 0.0, "loraplus_ratio", loraplus_ratio)
     try:
-        from riemix.layer import MoELoRALinear as layer_cls
+        from riemix.core.layer import MoELoRALinear as layer_cls
     except ImportError:
         layer_cls = None
 

@@ -25,14 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter import save_adapter
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import MoELoRAConfig
-from .data import Dataset, load_dataset
-from .diagnostics import RoutingMonitor, collect_diagnostics, compact_diagnostics, expert_grad_norms
-from .evaluate import evaluate
-from .fileio import atomic_write_json, atomic_write_text
-from .losses import (
+from riemix.core.config import MoELoRAConfig
+from riemix.core.regularizers import (
     expert_diversity_loss,
     inject_gradients,
     load_balancing_loss,
@@ -40,10 +34,16 @@ from .losses import (
     router_z_loss,
     uniform_prior_loss,
 )
-from .optim import build_optimizer
-from .tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train, pack_items
-from .train_config import TrainConfig
-from .tuner import add_moe_lora, iter_moe_lora_layers, scale_anchor_loss, set_training_progress
+from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers, scale_anchor_loss, set_training_progress
+from riemix.data import Dataset, load_dataset
+from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, compact_diagnostics, expert_grad_norms
+from riemix.evaluate import evaluate
+from riemix.io.adapter import save_adapter
+from riemix.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from riemix.io.fileio import atomic_write_json, atomic_write_text
+from riemix.optim import build_optimizer
+from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train, pack_items
+from riemix.training.config import TrainConfig
 
 __all__ = ["train", "TrainConfig", "prepare", "linear_schedule"]
 
@@ -90,7 +90,7 @@ def _load_data(cfg: TrainConfig) -> tuple[list[Dataset], list[Dataset]]:
 
 def prepare(cfg: TrainConfig, model=None, tokenizer=None):
     """Load model, tokenizer and data; add adapters; build specs. Returns a namespace dict."""
-    from .models import load_model
+    from riemix.hub.loading import load_model
 
     train_sets, eval_sets = _load_data(cfg)
     kind = cfg.model_kind

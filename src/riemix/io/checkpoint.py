@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import save_adapter
-from .fileio import replace_dir
+from riemix.io.adapter import save_adapter
+from riemix.io.fileio import replace_dir
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 

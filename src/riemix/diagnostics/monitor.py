@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .losses import cosine_similarity_a, cosine_similarity_ba
+from riemix.core.regularizers import cosine_similarity_a, cosine_similarity_ba
 
 __all__ = [
     "SIMILARITY_THRESHOLD",

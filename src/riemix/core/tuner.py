@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import MoELoRAConfig
-from .layer import MoELoRALinear
+from riemix.core.config import MoELoRAConfig
+from riemix.core.layer import MoELoRALinear
 
 __all__ = [
     "add_moe_lora",

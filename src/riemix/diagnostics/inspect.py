@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .diagnostics import SIMILARITY_THRESHOLD, weight_diagnostics
-from .fileio import atomic_write
+from riemix.diagnostics.monitor import SIMILARITY_THRESHOLD, weight_diagnostics
+from riemix.io.fileio import atomic_write
 
 __all__ = ["load_run", "adapter_diagnostics", "format_tables", "write_plots", "inspect_run"]
 
@@ -65,7 +65,7 @@ def adapter_diagnostics(adapter_dir: str | os.PathLike, threshold: float = SIMIL
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+    from riemix.io.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 
     meta = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / WEIGHTS_NAME

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MoELoRAConfig
+from riemix.core.config import MoELoRAConfig
 
 __all__ = ["TrainConfig", "DEFAULT_ADAPTER"]
 

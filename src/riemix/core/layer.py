@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import gate_grad_coefficients, gate_multiplier, route, softmax_gate_backward
+from riemix.core.routing import gate_grad_coefficients, gate_multiplier, route, softmax_gate_backward
 
 __all__ = ["MoELoRALinear", "RouteSpec", "moe_lora_linear"]
 
@@ -291,7 +291,7 @@ class MoELoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter_parameters(self, init: str = "zero_b", router_init_std: float = 0.02) -> None:
-        """(Re)initialise experts, router/global gate and expert scales (see ``riemix.init``).
+        """(Re)initialise experts, router/global gate and expert scales (see ``riemix.core.init``).
 
         Every init but ``"small_b"`` leaves the layer output unchanged (``"small_b"`` does so only while
         ``scale_factor`` is 0).  ``"pissa"`` rewrites ``base_layer.weight`` to the residual; calling it
@@ -304,7 +304,7 @@ class MoELoRALinear(nn.Module):
         Raises:
             ValueError: for an unknown init or a repeated PiSSA init.
         """
-        from .init import initialise_layer
+        from riemix.core.init import initialise_layer
 
         initialise_layer(self, init, router_init_std)
 

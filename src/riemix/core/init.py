@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .config import INIT_MODES
-from .routing import route
+from riemix.core.config import INIT_MODES
+from riemix.core.routing import route
 
 __all__ = [
     "initialise_layer",

@@ -50,7 +50,7 @@ class MoELoRAConfig:
             reaches A, B and the input is weighted by stopgrad(g**p). p=1 is plain MoE-LoRA, p=0.5 the
             paper's sqrt trick, p=0 realises the paper's eq. (12) exactly (see docs/math.md).
         use_rslora: Use rank-stabilised scaling ``alpha / sqrt(rank)``.
-        init: Adapter initialisation (see ``riemix.init``): ``"zero_b"`` (Kaiming-uniform A, zero B),
+        init: Adapter initialisation (see ``riemix.core.init``): ``"zero_b"`` (Kaiming-uniform A, zero B),
             ``"gaussian"`` (normal A with std ``1/rank``, zero B), ``"orthogonal"`` (orthonormal A rows,
             jointly across experts when E·r <= in_features, zero B), ``"pissa"`` (principal singular
             directions of the base weight, which becomes the residual) or ``"small_b"`` (normal B with

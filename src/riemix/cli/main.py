@@ -1,4 +1,4 @@
-"""``riemix`` command line: a thin layer over ``riemix.train`` and ``riemix.evaluate``.
+"""``riemix`` command line: a thin layer over ``riemix.training.recipe`` and ``riemix.evaluate``.
 
 riemix train                                  # the default job (SmolLM2-135M on SST-2)
 riemix train --config configs/paper.yaml --lr 2e-5 --output-dir runs/x
@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any
 
-from .train_config import DEFAULT_ADAPTER, TrainConfig
+from riemix.training.config import DEFAULT_ADAPTER, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -157,14 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--layer", help="layer for the similarity plot (default: the most collapsed)")
     ins.add_argument("--threshold", type=float, default=0.8, help="similarity threshold (default: 0.8)")
     ins.add_argument("--no-plots", action="store_true", help="print the tables only")
-    from .check_init import add_check_init_parser
+    from riemix.diagnostics.check_init import add_check_init_parser
 
     add_check_init_parser(sub)
     return parser
 
 
 def _inspect(ns: argparse.Namespace) -> int:
-    from .inspect_run import inspect_run
+    from riemix.diagnostics.inspect import inspect_run
 
     result = inspect_run(ns.run_dir, ns.out, ns.layer, ns.threshold, plots=not ns.no_plots)
     print(result["text"])
@@ -174,7 +174,7 @@ def _inspect(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from .train import train
+    from riemix.training.recipe import train
 
     opts = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     adapter = {ADAPTER_FLAGS[k][0]: opts.pop(k) for k in list(opts) if k in ADAPTER_FLAGS}
@@ -189,12 +189,12 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from .adapter import load_adapter
-    from .data import load_dataset
-    from .evaluate import evaluate
-    from .fileio import atomic_write_json
-    from .models import load_model
-    from .tasks import TaskModel, TaskSpec
+    from riemix.data import load_dataset
+    from riemix.evaluate import evaluate
+    from riemix.hub.loading import load_model
+    from riemix.io.adapter import load_adapter
+    from riemix.io.fileio import atomic_write_json
+    from riemix.tasks import TaskModel, TaskSpec
 
     ds = load_dataset(ns.dataset, ns.split, ns.data_dir)
     if ns.subset:
@@ -222,8 +222,8 @@ def _eval(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``riemix`` command; returns the exit status (2 on bad input)."""
-    from .adapter import AdapterError
-    from .data import DataError
+    from riemix.data import DataError
+    from riemix.io.adapter import AdapterError
 
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "inspect":
             return _inspect(ns)
         if ns.command == "check-init":
-            from .check_init import run_check_init
+            from riemix.diagnostics.check_init import run_check_init
 
             return run_check_init(ns)
         return _train(ns) if ns.command == "train" else _eval(ns)

@@ -159,11 +159,11 @@ def add_check_init_parser(sub) -> argparse.ArgumentParser:
 
 
 def _build(ns: argparse.Namespace):
-    from .adapter import load_adapter
-    from .config import MoELoRAConfig
-    from .models import load_model
-    from .train_config import DEFAULT_ADAPTER
-    from .tuner import add_moe_lora
+    from riemix.core.config import MoELoRAConfig
+    from riemix.core.tuner import add_moe_lora
+    from riemix.hub.loading import load_model
+    from riemix.io.adapter import load_adapter
+    from riemix.training.config import DEFAULT_ADAPTER
 
     overrides = {
         field: getattr(ns, flag) for flag, (field, _) in ADAPTER_OPTIONS.items() if hasattr(ns, flag)
@@ -227,7 +227,7 @@ def run_check_init(ns: argparse.Namespace) -> int:
             f"  [{mark}] {g['prompt'][:60]!r}\n      base:    {g['base']!r}\n      adapted: {g['adapted']!r}"
         )
     if ns.output:
-        from .fileio import atomic_write_json
+        from riemix.io.fileio import atomic_write_json
 
         atomic_write_json(ns.output, {**res, "threshold": ns.threshold, "ok": ok, "what": what})
     if not ok:
@@ -242,7 +242,7 @@ def run_check_init(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry point
-    """Stand-alone entry point (``python -m riemix.check_init``)."""
+    """Stand-alone entry point (``python -m riemix.diagnostics.check_init``)."""
     parser = argparse.ArgumentParser(prog="riemix")
     add_check_init_parser(parser.add_subparsers(dest="command", required=True))
     return run_check_init(parser.parse_args(argv))

@@ -26,10 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import MoELoRAConfig
-from .fileio import atomic_write, atomic_write_json
-from .init import restore_pissa
-from .tuner import (
+from riemix.core.config import MoELoRAConfig
+from riemix.core.init import restore_pissa
+from riemix.core.tuner import (
     adapter_state_dict,
     adapter_tensor_shapes,
     add_moe_lora,
@@ -37,6 +36,7 @@ from .tuner import (
     iter_moe_lora_layers,
     layer_index,
 )
+from riemix.io.fileio import atomic_write, atomic_write_json
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
 

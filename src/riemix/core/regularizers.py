@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .routing import route
+from riemix.core.routing import route
 
 __all__ = [
     "load_balancing_loss",
