@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from riemix.io.fileio import atomic_write_text
+from lib.harness import write_record
 
 VARIANTS = {
     "none": {},
@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def run_variant(name: str, extra: dict, args: argparse.Namespace, root: Path) -> dict:
-    from riemix.training.recipe import TrainConfig, train
+    from riemix.training import TrainConfig, train
 
     cfg = TrainConfig.from_dict(
         {
@@ -134,24 +134,14 @@ def main() -> None:
             f"{r['usage_entropy_min_layer']:9.3f} {log_e:7.3f} {r['load_cv']:8.3f} "
             f"{r['dead_experts']:>4}/{r['experts']:<4} {r['seconds']:5.0f}"
         )
-    default = "balance_evidence_quick.json" if args.quick else "balance_evidence.json"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / default
     setup = {k: v for k, v in vars(args).items() if k not in ("runs_dir", "out", "variants")}
-    atomic_write_text(
-        out,
-        json.dumps(
-            {
-                "setup": setup,
-                "note": "last diagnostics window; usage H = entropy of the "
-                "mean gate, gate H = mean per-token gate entropy; dead = never selected in "
-                "the last window",
-                "runs": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {out}")
+    record = {
+        "setup": setup,
+        "note": "last diagnostics window; usage H = entropy of the mean gate, gate H = mean per-token gate "
+        "entropy; dead = never selected in the last window",
+        "runs": rows,
+    }
+    write_record(record, "balance_evidence", args.quick, args.out)
 
 
 if __name__ == "__main__":

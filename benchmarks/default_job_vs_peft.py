@@ -19,15 +19,12 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from _common import record_header, train_loop
+from lib.harness import RESULTS, record_header, write_record
+from lib.runner import batch_source, train_loop
 
-from riemix.io.fileio import atomic_write_text
-from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything, train
-
-RESULTS = Path(__file__).parent / "results"
+from riemix.training import TrainConfig, encode_items, seed_everything, train
 
 
 def run_riemix(steps: int) -> dict:
@@ -49,12 +46,12 @@ def run_peft(steps: int, lr: float) -> dict:
 
     from riemix.data import load_dataset
     from riemix.evaluate import evaluate
-    from riemix.hub.loading import load_model
-    from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
+    from riemix.hub import load_model
+    from riemix.tasks import TaskModel, TaskSpec
 
     cfg = TrainConfig(max_steps=steps)
     t0 = time.time()
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model, tok = load_model(cfg.model)
     train_ds, dev = load_dataset(cfg.dataset, "train"), load_dataset(cfg.dataset, "dev")
     spec = TaskSpec.for_dataset(train_ds, "causal_lm")
@@ -64,11 +61,10 @@ def run_peft(steps: int, lr: float) -> dict:
     )
     model = peft_model.base_model.model
     task_model = TaskModel(model, "causal_lm")
-    items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
+    items = encode_items([train_ds], [spec], tok, "causal_lm")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    loop = train_loop(
-        task_model, opt, lambda step: collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id), steps
-    )
+    batches = batch_source(items, tok, "causal_lm", cfg.max_length, cfg.batch_size, cfg.seed)
+    loop = train_loop(task_model, opt, batches, steps)
     acc = evaluate(task_model, dev, spec, tok, cfg.eval_batch_size)["accuracy"]
     return {
         "accuracy": acc,
@@ -105,8 +101,7 @@ def main() -> None:
         "steps": args.steps,
         "results": {**previous.get("results", {}), **rows},
     }
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(record, "default_job_vs_peft", out=out)
 
 
 if __name__ == "__main__":

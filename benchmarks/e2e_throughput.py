@@ -28,11 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import record_header
+from lib.harness import RESULTS, record_header, write_json, write_record
 
-from riemix.io.fileio import atomic_write_text
-
-RESULTS = Path(__file__).parent / "results"
 CANDIDATES = ("frozen_base", "peft_lora_r16", "riemix_20_10_4", "riemix_8_2_4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -40,7 +37,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def build(name: str):
     """Model, task wrapper and optimizer (None for the frozen base) of one candidate."""
     from riemix import MoELoRAConfig, add_moe_lora, build_optimizer
-    from riemix.hub.loading import load_model
+    from riemix.hub import load_model
     from riemix.tasks import TaskModel
 
     model, tok = load_model("smollm2-135m")
@@ -143,7 +140,7 @@ def main() -> None:
         record = json.loads(out.read_text())
         record["memory"] = measure_memory(args.batch_size)
         record["mixlora"] = try_mixlora()
-        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+        write_json(out, record)
         print(json.dumps(record["memory"], indent=2))
         return
     built = {name: build(name) for name in CANDIDATES}
@@ -161,14 +158,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     timed_tokens = sum(tokens[1:])
     tps = {n: timed_tokens / sum(t) for n, t in times.items()}
-    memory = {}
-    if not args.no_memory:
-        for name in CANDIDATES:
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True
-            )
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            memory[name] = json.loads(lines[-1]) if lines else {"error": out.stderr[-500:]}
+    memory = {} if args.no_memory else measure_memory(args.batch_size)
     ratios = {
         "riemix_20_10_4_over_peft_lora_r16": tps["riemix_20_10_4"] / tps["peft_lora_r16"],
         "riemix_8_2_4_over_peft_lora_r16": tps["riemix_8_2_4"] / tps["peft_lora_r16"],
@@ -200,9 +190,7 @@ def main() -> None:
         "ratios": ratios,
         "mixlora": mixlora,
     }
-    out = RESULTS / f"e2e_throughput{'_quick' if args.quick else ''}.json"
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(record, "e2e_throughput", args.quick)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from _common import pct, record_header, train_loop
+from lib.harness import RESULTS, record_header, write_json
+from lib.runner import batch_source, train_loop
+from lib.stats import hits_string, majority_baseline, pct, primary_score
 
-from riemix.io.fileio import atomic_write_text
-
-RESULTS = Path(__file__).parent / "results"
+from riemix.tasks import FORMATS, MODEL_KINDS
 
 #: candidate -> (family, optimizer name or "peft", gate_grad_power)
 CANDIDATES: dict[str, tuple[str, str, float]] = {
@@ -96,13 +96,17 @@ PROTOCOL = (
     "format",
     "max_length",
 )
-ADAPTER = {
-    "num_experts": 8,
-    "top_k": 2,
-    "rank": 4,
-    "alpha": 16.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+__all__ = [
+    "CANDIDATES",
+    "check_protocol",
+    "choose_lrs",
+    "hits_string",
+    "majority_baseline",
+    "result_stem",
+    "run_job",
+    "summarize",
+    "sweep_runs",
+]
 
 
 def _init_worker(cores: list[int], counter) -> None:
@@ -128,33 +132,29 @@ def _data(job: dict):
     return train, dev.subset(min(job["eval_subset"], len(dev)), seed=0)
 
 
-def _build(job: dict):
+def _build(job: dict, train_ds):
     """Model (adapted), tokenizer, optimizer and trainable-parameter count for one candidate."""
     import torch
 
-    from riemix.core.config import MoELoRAConfig
-    from riemix.core.tuner import add_moe_lora
-    from riemix.hub.loading import load_model
-    from riemix.optim import build_optimizer
+    from riemix import MoELoRAConfig, add_moe_lora, build_optimizer
+    from riemix.hub import HEAD_NAMES, load_model, num_labels_for
 
-    num_labels = job.get("num_labels")
+    num_labels = num_labels_for(train_ds, job["model_kind"])
     model, tok = load_model(job["model"], task=job["model_kind"], num_labels=num_labels)
     if job["candidate"] == "zero_shot":
         return model, tok, None, 0
     family, opt_name, power = CANDIDATES[job["candidate"]]
-    adapter = {**ADAPTER, **job["adapter"]}
     if opt_name == "peft":
         from peft import LoraConfig, get_peft_model
 
-        rank = adapter["num_experts"] * adapter["rank"]
+        adapter = MoELoRAConfig(**job["adapter"])  # the defaults: the default job's adapter
+        rank = adapter.num_experts * adapter.rank
         model = get_peft_model(
-            model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=adapter["target_modules"])
+            model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=adapter.target_modules)
         ).base_model.model
     else:
-        add_moe_lora(model, MoELoRAConfig(**adapter, gate_grad_power=power))
+        add_moe_lora(model, MoELoRAConfig(**job["adapter"], gate_grad_power=power))
     if job["model_kind"] == "sequence_classification":
-        from riemix.training.recipe import HEAD_NAMES
-
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in HEAD_NAMES:
                 module.requires_grad_(True)
@@ -169,16 +169,13 @@ def _build(job: dict):
 def run_job(job: dict) -> dict:
     """Train one (stage, candidate, lr, seed) and evaluate it; returns the result row."""
     from riemix.evaluate import predict
-    from riemix.tasks import TaskModel, TaskSpec, collate_encoder, collate_lm, encode_train
-    from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything
+    from riemix.tasks import TaskModel, TaskSpec
+    from riemix.training.data import encode_items, seed_everything
 
     t0 = time.time()
     train_ds, eval_ds = _data(job)
-    seq = job["model_kind"] == "sequence_classification"
-    if seq:
-        job["num_labels"] = 1 if train_ds.task == "regression" else train_ds.num_labels
-    _seed_everything(job["seed"])
-    model, tok, opt, n_trainable = _build(job)
+    seed_everything(job["seed"])
+    model, tok, opt, n_trainable = _build(job, train_ds)
     overrides = {"max_length": job["max_length"]} if job.get("max_length") else {}
     spec = TaskSpec.for_dataset(train_ds, job["model_kind"], format=job["format"], **overrides)
     tm = TaskModel(model, job["model_kind"])
@@ -196,24 +193,14 @@ def run_job(job: dict) -> dict:
     if job["candidate"] == "zero_shot":
         score("final")
         return {**row, "seconds": time.time() - t0}
-    cfg = TrainConfig(batch_size=job["batch_size"], seed=job["seed"], max_steps=job["steps"])
-    items = (
-        [(train_ds, ex) for ex in train_ds.examples]
-        if seq
-        else [encode_train(ex, spec, tok) for ex in train_ds.examples]
-    )
-
-    def batch_at(step: int):
-        chunk = _batch_at(items, step, cfg, 0, 1)
-        if seq:
-            return collate_encoder([ex for _, ex in chunk], tok, spec.max_length, train_ds.task == "regression")
-        return collate_lm(chunk, tok.pad_token_id)
+    items = encode_items([train_ds], [spec], tok, job["model_kind"])
+    batches = batch_source(items, tok, job["model_kind"], spec.max_length, job["batch_size"], job["seed"])
 
     def after_step(step: int) -> None:
         if job["early_step"] and step + 1 == job["early_step"] and job["early_step"] < job["steps"]:
             score("early")
 
-    loop = train_loop(tm, opt, batch_at, job["steps"], after_step)
+    loop = train_loop(tm, opt, batches, job["steps"], after_step)
     if loop.diverged_at is not None:  # NaN/inf loss: stopped early, reported as such
         row["diverged_at"] = loop.diverged_at
         row["final"] = float("nan")
@@ -228,33 +215,6 @@ def run_job(job: dict) -> dict:
     return row
 
 
-def hits_string(preds, targets) -> str:
-    """Per-example correctness as a compact string: ``"1"`` where ``preds[i] == targets[i]``, else ``"0"``."""
-    return "".join("1" if int(p) == int(t) else "0" for p, t in zip(preds, targets, strict=True))
-
-
-def primary_score(metric: str, preds, targets) -> float:
-    """The task's primary score (``metric``'s own key, else the first one ``compute_metrics`` reports)."""
-    from riemix.metrics import compute_metrics
-
-    metrics = compute_metrics(metric, preds, targets)
-    return metrics[metric] if metric in metrics else next(iter(metrics.values()))
-
-
-def majority_baseline(dataset) -> float | None:
-    """Primary metric of always predicting the most frequent label of ``dataset`` (classification only).
-
-    A trained candidate that scores this has learned nothing usable: it predicts one class.
-    """
-    if dataset.task != "classification":
-        return None
-    from collections import Counter
-
-    targets = dataset.targets()
-    top = Counter(int(t) for t in targets).most_common(1)[0][0]
-    return primary_score(dataset.metric, [top] * len(targets), targets)
-
-
 def result_stem(model: str, task: str, formulation: str, quick: bool = False) -> str:
     """Default results file name (no ``.json``): ``quality_<model>_<task>_<formulation>[_quick]``."""
     return f"quality_{model}_{task.replace('/', '_')}_{formulation}{'_quick' if quick else ''}"
@@ -263,6 +223,22 @@ def result_stem(model: str, task: str, formulation: str, quick: bool = False) ->
 def sweep_runs(record: dict) -> list[dict]:
     """The record's learning-rate sweep rows, ordered by (family, lr)."""
     return sorted((r for r in record["runs"] if r["stage"] == "sweep"), key=lambda r: (r["candidate"], r["lr"]))
+
+
+def _job(
+    base: dict, stage: str, candidate: str, lr: float, seed: int, steps: int, early_step: int, eval_subset: int
+) -> dict:
+    """One run for ``run_job``: the shared options ``base`` plus what identifies and sizes this run."""
+    return {
+        **base,
+        "stage": stage,
+        "candidate": candidate,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "early_step": early_step,
+        "eval_subset": eval_subset,
+    }
 
 
 def _key(row: dict) -> str:
@@ -342,9 +318,9 @@ def check_protocol(record: dict, arg_rec: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="commonsense_qa")
-    parser.add_argument("--format", default="cloze", choices=["cloze", "letter"])
+    parser.add_argument("--format", default="cloze", choices=FORMATS)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--model-kind", default="causal_lm", choices=["causal_lm", "sequence_classification"])
+    parser.add_argument("--model-kind", default="causal_lm", choices=MODEL_KINDS)
     parser.add_argument("--data-dir", default=os.environ.get("RIEMIX_DATA_DIR"))
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--adapter", type=json.loads, default={}, help="JSON overrides, e.g. '{\"rank\": 8}'")
@@ -414,18 +390,7 @@ def main() -> None:
         grid = args.lr_grid.get(fam, LR_GRID[fam])
         grid = grid[len(grid) // 2 :][:1] if args.quick else grid
         for lr in grid:
-            sweep_jobs.append(
-                {
-                    **base,
-                    "stage": "sweep",
-                    "candidate": FAMILY_BASE[fam],
-                    "lr": lr,
-                    "seed": 0,
-                    "steps": args.sweep_steps,
-                    "early_step": 0,
-                    "eval_subset": args.sweep_subset,
-                }
-            )
+            sweep_jobs.append(_job(base, "sweep", FAMILY_BASE[fam], lr, 0, args.sweep_steps, 0, args.sweep_subset))
     ctx = get_context("spawn")
     counter = ctx.Value("i", 0)
     # pin only a pool of several workers; one worker is left to the OS scheduler, so that two comparisons
@@ -441,7 +406,7 @@ def main() -> None:
             done.add(_key(row))
             record["chosen_lr"] = {**choose_lrs(record["runs"]), **args.lr}
             record["summary"] = summarize(record)
-            atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+            write_json(out, record)
             print(json.dumps(row), flush=True)
 
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker, initargs=(cores, counter)) as pool:
@@ -449,36 +414,15 @@ def main() -> None:
         chosen = {**choose_lrs(record["runs"]), **args.lr}
         final_jobs = []
         if args.model_kind == "causal_lm":  # an encoder's new head is random before training
-            final_jobs.append(
-                {
-                    **base,
-                    "stage": "final",
-                    "candidate": "zero_shot",
-                    "lr": 0.0,
-                    "seed": 0,
-                    "steps": 0,
-                    "early_step": 0,
-                    "eval_subset": args.eval_subset,
-                }
-            )
+            final_jobs.append(_job(base, "final", "zero_shot", 0.0, 0, 0, 0, args.eval_subset))
         for seed in args.seeds:  # every candidate for one seed before the next seed
             for cand in args.candidates:
-                final_jobs.append(
-                    {
-                        **base,
-                        "stage": "final",
-                        "candidate": cand,
-                        "lr": chosen[CANDIDATES[cand][0]],
-                        "seed": seed,
-                        "steps": args.steps,
-                        "early_step": args.early_step,
-                        "eval_subset": args.eval_subset,
-                    }
-                )
+                lr = chosen[CANDIDATES[cand][0]]
+                final_jobs.append(_job(base, "final", cand, lr, seed, args.steps, args.early_step, args.eval_subset))
         run_all(final_jobs, pool)
     record["chosen_lr"] = chosen
     record["summary"] = summarize(record)
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print_tables(record)
     print(f"wrote {out}")
 

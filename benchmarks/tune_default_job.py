@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from _common import train_loop
+from lib.harness import RESULTS, write_json
+from lib.runner import batch_source, train_loop
 
-from riemix.core.config import MoELoRAConfig
-from riemix.core.tuner import add_moe_lora
+from riemix import add_moe_lora, build_optimizer
 from riemix.data import load_dataset
 from riemix.evaluate import evaluate
-from riemix.hub.loading import load_model
-from riemix.io.fileio import atomic_write_text
-from riemix.optim import build_optimizer
-from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
-from riemix.training.recipe import TrainConfig, _batch_at, _seed_everything
+from riemix.hub import load_model
+from riemix.tasks import TaskModel, TaskSpec
+from riemix.training import TrainConfig, encode_items, seed_everything
 
 
 def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model, tok = load_model(cfg.model)
     spec = TaskSpec.for_dataset(train_ds, "causal_lm")
-    add_moe_lora(model, MoELoRAConfig(**cfg.adapter))
+    add_moe_lora(model, cfg.adapter)
     tm = TaskModel(model, "causal_lm")
-    items = [encode_train(ex, spec, tok) for ex in train_ds.examples]
+    items = encode_items([train_ds], [spec], tok, "causal_lm")
     opt = build_optimizer(model, cfg.optimizer, lr=lr, gate_lr=cfg.gate_lr, gate_max_grad_norm=cfg.gate_max_grad_norm)
-    loop = train_loop(
-        tm, opt, lambda step: collate_lm(_batch_at(items, step, cfg, 0, 1), tok.pad_token_id), cfg.max_steps
-    )
+    batches = batch_source(items, tok, "causal_lm", cfg.max_length, cfg.batch_size, cfg.seed)
+    loop = train_loop(tm, opt, batches, cfg.max_steps)
     acc = evaluate(tm, held_ds, spec, tok, 32)["accuracy"]
     return {"lr": lr, "heldout_accuracy": acc, "train_seconds": loop.train_seconds, "final_loss": loop.losses[-1]}
 
@@ -57,21 +53,14 @@ def main() -> None:
     print(f"{'lr':>8} {'held-out acc':>13} {'train s':>8}")
     for r in rows:
         print(f"{r['lr']:8.0e} {r['heldout_accuracy']:13.4f} {r['train_seconds']:8.0f}")
-    out = Path(__file__).parent / "results" / "tune_default_job.json"
-    atomic_write_text(
-        out,
-        json.dumps(
-            {
-                "adapter": cfg.adapter,
-                "optimizer": cfg.optimizer,
-                "steps": args.steps,
-                "batch_size": cfg.batch_size,
-                "runs": rows,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    record = {
+        "adapter": cfg.to_dict()["adapter"],
+        "optimizer": cfg.optimizer,
+        "steps": args.steps,
+        "batch_size": cfg.batch_size,
+        "runs": rows,
+    }
+    write_json(RESULTS / "tune_default_job.json", record)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,9 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
-from _common import record_header
+from lib.harness import record_header, write_record
 
-from riemix.io.fileio import atomic_write_text
-
-RESULTS = Path(__file__).parent / "results"
 TASKS = ["commonsense_qa", "openbookqa", "arc_easy", "scienceqa"]
 
 
@@ -38,8 +34,8 @@ def main() -> None:
 
     from riemix.data import load_dataset
     from riemix.evaluate import evaluate
-    from riemix.hub.loading import load_model
-    from riemix.tasks import TaskModel, TaskSpec
+    from riemix.hub import load_model
+    from riemix.tasks import FORMATS, TaskModel, TaskSpec
 
     model, tok = load_model(args.model)
     task_model = TaskModel(model, "causal_lm")
@@ -48,7 +44,7 @@ def main() -> None:
         dev = load_dataset(task, "dev", args.data_dir)
         dev = dev.subset(min(args.subset, len(dev)), seed=0)
         row = {"examples": len(dev), "chance": sum(1 / len(ex.choices) for ex in dev.examples) / len(dev)}
-        for fmt in ("cloze", "letter"):
+        for fmt in FORMATS:
             t0 = time.time()
             spec = TaskSpec.for_dataset(dev, "causal_lm", format=fmt)
             row[fmt] = evaluate(task_model, dev, spec, tok, 32)["accuracy"]
@@ -59,10 +55,8 @@ def main() -> None:
     print(f"{'task':<16} {'n':>5} {'chance':>7} {'cloze':>7} {'letter':>7}")
     for task, r in rows.items():
         print(f"{task:<16} {r['examples']:5d} {r['chance']:7.3f} {r['cloze']:7.3f} {r['letter']:7.3f}")
-    out = RESULTS / f"zero_shot_formats{'_quick' if args.quick else ''}.json"
     record = {**record_header("zero_shot_formats"), "model": args.model, "tasks": rows}
-    atomic_write_text(out, json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    write_record(record, "zero_shot_formats", args.quick)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from test_train import save_tiny_model_dir, write_mcq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import _common as common  # noqa: E402
 import quality_compare as qc  # noqa: E402
 import report  # noqa: E402
+from lib import runner  # noqa: E402
 
 
 def _row(stage, cand, lr, seed, final, early=None):
@@ -226,7 +226,7 @@ class _Quadratic(torch.nn.Module):
 def test_train_loop_is_sgd_with_linear_decay_and_calls_after_step():
     model, targets, steps, lr = _Quadratic(), [1.0, 2.0, -1.0, 0.5], 4, 0.1
     seen = []
-    loop = common.train_loop(
+    loop = runner.train_loop(
         model,
         torch.optim.SGD(model.parameters(), lr=lr),
         lambda i: torch.tensor(targets[i], dtype=torch.float64),
@@ -247,7 +247,7 @@ def test_train_loop_stops_at_a_non_finite_loss():
     model = _Quadratic()
     batches = [torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64)]
     seen = []
-    loop = common.train_loop(
+    loop = runner.train_loop(
         model, torch.optim.SGD(model.parameters(), lr=0.1), batches.__getitem__, 5, after_step=seen.append
     )
     assert loop.diverged_at == 1 and len(loop.losses) == 2 and seen == [0]

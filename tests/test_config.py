@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from riemix import MoELoRAConfig
+from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,15 @@ def test_dict_round_trip_and_unknown_keys():
     assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown MoELoRAConfig field\(s\): \['experts'\]"):
         MoELoRAConfig.from_dict({"experts": 3})
+
+
+def test_mode_groups_are_subsets_of_the_routing_modes():
+    assert ROUTING_MODES == ("softmax_topk", "topk_softmax", "dense", "top_p", "global")
+    assert TOPK_MODES == ("softmax_topk", "topk_softmax") and DENSE_MODES == ("dense", "global")
+    assert set(TOPK_MODES) | set(DENSE_MODES) | {"top_p"} == set(ROUTING_MODES)
+    assert not set(TOPK_MODES) & set(DENSE_MODES)
+    assert REGULARIZER_MODES == ("loss", "inject")
+    for mode in DENSE_MODES:  # no selection: top_k is every expert, noise is refused
+        assert MoELoRAConfig(num_experts=3, top_k=5, routing=mode).experts_for_layer(0) == 3
+        with pytest.raises(ValueError, match="router_noise_std must be 0"):
+            MoELoRAConfig(routing=mode, router_noise_std=0.1)

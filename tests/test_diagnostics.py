@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
+from riemix.core.geometry import effective_rank, expert_singular_values
 from riemix.core.routing import route
 from riemix.diagnostics.monitor import (
     RoutingMonitor,
     coefficient_of_variation,
-    effective_rank,
     expert_grad_norms,
-    expert_singular_values,
     gate_entropy,
     usage_entropy,
     weight_diagnostics,
@@ -227,3 +226,14 @@ def test_collect_and_compact_on_a_layer():
     small = compact_diagnostics(full)
     assert small["layers"]["l"]["dead"] == 3 and small["overall"]["dead_experts"] == 3
     json.dumps(full)  # JSON-serialisable as written to diagnostics.json
+
+
+def test_package_exports_the_monitor_api():
+    import riemix.diagnostics as diagnostics
+    from riemix.core import geometry
+    from riemix.diagnostics import monitor
+
+    for name in diagnostics.__all__:
+        assert any(getattr(diagnostics, name) is getattr(m, name, None) for m in (monitor, geometry)), name
+    assert set(monitor.__all__) <= set(diagnostics.__all__)
+    assert {"effective_rank", "expert_singular_values"} <= set(diagnostics.__all__)

@@ -18,9 +18,9 @@ from riemix import (
     load_adapter,
     save_adapter,
 )
-from riemix.cli.main import main
+from riemix.cli import main
 from riemix.core.init import initial_gates
-from riemix.core.tuner import set_scale_progress
+from riemix.core.schedules import set_scale_progress
 
 F64 = torch.float64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -291,7 +291,7 @@ def test_check_init_on_a_run_directory(tmp_path):
 
 
 def test_train_cli_exposes_the_new_adapter_flags():
-    from riemix.cli.main import build_parser
+    from riemix.cli import build_parser
 
     ns = build_parser().parse_args(
         ["train", "--init", "small_b", "--scale-warmup-steps", "5", "--expert-scales", "true",

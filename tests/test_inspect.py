@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from riemix.cli.main import main
+from riemix.cli import main
 from riemix.diagnostics.inspect import adapter_diagnostics, inspect_run
 from riemix.diagnostics.monitor import weight_diagnostics
 

@@ -15,7 +15,7 @@ E, R, D_IN, D_OUT = 5, 3, 7, 6
 
 
 def reference_gates(logits: torch.Tensor, mode: str, k: int) -> torch.Tensor:
-    """Plain routing: written independently of riemix.routing."""
+    """Plain routing: written independently of riemix.core.routing."""
     probs = torch.softmax(logits, dim=-1)
     if mode == "dense":
         return probs

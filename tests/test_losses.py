@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, expert_gram_ba
+from riemix.core.layer import MoELoRALinear
 from riemix.core.regularizers import (
-    cosine_similarity_a,
-    cosine_similarity_ba,
+    apply_regularizers,
     expert_diversity_loss,
-    expert_gram_ba,
     inject_gradients,
     load_balancing_loss,
     orthogonality_loss,
@@ -227,29 +227,28 @@ def test_inject_gradients_validation():
         inject_gradients(torch.zeros(2, requires_grad=True), [])
 
 
-def _two_layer_grads(mode, router_coefs, param_coefs):
+def _two_layer_grads(mode, router_coefs, param_coefs, routing="softmax_topk"):
     """Gradients of a two-layer fp64 MoE-LoRA stack under the trainer's regulariser handling."""
-    from riemix.core.layer import MoELoRALinear
-    from riemix.training.recipe import TrainConfig, _aux_loss
-
     torch.manual_seed(0)
     layers = torch.nn.Sequential(
-        *[MoELoRALinear(torch.nn.Linear(6, 6).double(), 3, 2, 2.0, 2, gate_grad_power=0.5) for _ in range(2)]
+        *[
+            MoELoRALinear(torch.nn.Linear(6, 6).double(), 3, 2, 2.0, 2, routing=routing, gate_grad_power=0.5)
+            for _ in range(2)
+        ]
     )
     for layer in layers:
         torch.nn.init.normal_(layer.lora_B, std=0.3)
-        torch.nn.init.normal_(layer.router.weight, std=0.5)
+        torch.nn.init.normal_(layer.gate_weight, std=0.5)
         layer.record_routing = True
-    cfg = TrainConfig(regularizer_mode=mode, **router_coefs, **param_coefs)
     x = torch.randn(5, 6, dtype=D)
     task = layers(x).pow(2).sum()
-    aux, logs = _aux_loss(layers, cfg, torch.ones(5))
+    aux, logs = apply_regularizers(layers, {**router_coefs, **param_coefs}, mode, torch.ones(5), grad_accum=1)
     (task if aux is None else task + aux).backward()
     return {n: p.grad.clone() for n, p in layers.named_parameters() if p.requires_grad}, logs
 
 
 def test_loss_and_inject_modes_agree_for_parameter_regularisers():
-    coefs = {"diversity_coef": 0.3, "orthogonality_coef": 0.1}
+    coefs = {"diversity": 0.3, "orthogonality": 0.1}
     loss_mode, logs = _two_layer_grads("loss", {}, coefs)
     inject_mode, _ = _two_layer_grads("inject", {}, coefs)
     assert set(logs) == {"diversity", "orthogonality"}
@@ -258,7 +257,7 @@ def test_loss_and_inject_modes_agree_for_parameter_regularisers():
 
 
 def test_inject_mode_keeps_router_regulariser_off_the_experts():
-    coefs = {"load_balance_coef": 0.5, "uniform_prior_coef": 0.5, "z_loss_coef": 0.1}
+    coefs = {"load_balance": 0.5, "uniform_prior": 0.5, "z_loss": 0.1}
     plain, _ = _two_layer_grads("loss", {}, {})
     loss_mode, _ = _two_layer_grads("loss", coefs, {})
     inject_mode, logs = _two_layer_grads("inject", coefs, {})
@@ -273,3 +272,44 @@ def test_inject_mode_keeps_router_regulariser_off_the_experts():
         assert not torch.allclose(inject_mode[name], plain[name])
     # the last router has no downstream path: both modes give the same gradient
     torch.testing.assert_close(inject_mode["1.router.weight"], loss_mode["1.router.weight"])
+
+
+def test_inject_mode_with_global_routing_reaches_the_global_gates():
+    # Regression: inject mode read layer.router.weight, which global layers do not have (AttributeError).
+    coefs = {"load_balance": 0.5, "uniform_prior": 0.5, "z_loss": 0.1}
+    plain, _ = _two_layer_grads("loss", {}, {}, routing="global")
+    loss_mode, _ = _two_layer_grads("loss", coefs, {}, routing="global")
+    inject_mode, logs = _two_layer_grads("inject", coefs, {}, routing="global")
+    assert set(logs) == {"load_balance", "uniform_prior", "z_loss"}
+    assert {"0.global_gate", "1.global_gate"} <= set(inject_mode) and "0.router.weight" not in inject_mode
+    # global gates do not depend on the input: the router terms reach nothing but the gates, in both modes
+    for name in plain:
+        torch.testing.assert_close(inject_mode[name], loss_mode[name], msg=name)
+        if name.endswith("global_gate"):
+            assert not torch.allclose(inject_mode[name], plain[name]), name
+        else:
+            torch.testing.assert_close(inject_mode[name], plain[name], msg=name)
+
+
+def test_apply_regularizers_loss_is_coefficient_times_mean_over_layers():
+    torch.manual_seed(1)
+    layers = torch.nn.Sequential(*[MoELoRALinear(torch.nn.Linear(5, 5).double(), 3, 2, 2.0, 2) for _ in range(2)])
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.3)
+        layer.record_routing = True
+    layers(torch.randn(4, 5, dtype=D))
+    mask = torch.tensor([1, 1, 0, 1])
+    coefs = {"z_loss": 0.2, "diversity": 0.3, "load_balance": 0.0}
+    loss, logs = apply_regularizers(layers, coefs, "loss", mask)
+    z = [router_z_loss(layer.last_router_logits, mask).item() for layer in layers]
+    div = [expert_diversity_loss(layer.lora_A, layer.lora_B).item() for layer in layers]
+    assert logs == pytest.approx({"z_loss": sum(z) / 2, "diversity": sum(div) / 2})
+    assert loss.item() == pytest.approx(0.2 * sum(z) / 2 + 0.3 * sum(div) / 2)
+    assert apply_regularizers(layers, {"z_loss": 0.0}, "loss") == (None, {})
+    with pytest.raises(ValueError, match=r"unknown regulariser\(s\) \['z_loss_coef'\]"):
+        apply_regularizers(layers, {"z_loss_coef": 1.0}, "loss")
+    with pytest.raises(ValueError, match=r"mode must be one of \('loss', 'inject'\), got 'grad'"):
+        apply_regularizers(layers, coefs, "grad")
+    layers[0].last_router_logits = None
+    with pytest.raises(ValueError, match=r"record_routing = True"):
+        apply_regularizers(layers, coefs, "loss")

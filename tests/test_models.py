@@ -1,4 +1,4 @@
-"""Tests for riemix.hub.loading (fast: tiny random models; the real GGUF is never dequantised here)."""
+"""Tests for riemix.hub (fast: tiny random models; the real GGUF is never dequantised here)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,23 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import riemix.hub.loading as rm
-from riemix.hub.loading import ModelLoadError, linear_module_names, list_builtin_models, load_model
+from riemix.core.tuner import linear_names
+from riemix.hub import (
+    ModelLoadError,
+    gguf_cache,
+    list_builtin_models,
+    load_model,
+    loading,
+    num_labels_for,
+    probe,
+    resolve,
+)
+from riemix.io import fileio
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,17 +120,57 @@ def test_local_dir_sequence_classification_bert(tmp_path, caplog):
     assert not [r for r in ours if r.levelno >= logging.WARNING]
 
 
-def test_linear_module_names():
-    assert linear_module_names(_tiny_llama()) == [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "lm_head",
-    ]
+def test_head_names_cover_a_fresh_distilbert_head(tmp_path, caplog):
+    """DistilBERT's fresh head is pre_classifier + classifier: both are HEAD_NAMES and reported at INFO."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=64)
+    DistilBertModel(config).save_pretrained(tmp_path / "distilbert")
+    with caplog.at_level(logging.INFO, logger="riemix.hub.loading"):
+        model, _ = load_model(str(tmp_path / "distilbert"), task="sequence_classification", num_labels=2)
+    heads = sorted(n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in loading.HEAD_NAMES)
+    assert heads == ["classifier", "pre_classifier"]
+    ours = [r for r in caplog.records if r.name == "riemix.hub.loading"]
+    (report,) = [r.getMessage() for r in ours if "classification head" in r.getMessage()]
+    assert "pre_classifier.weight" in report and "classifier.bias" in report
+    assert not [r for r in ours if r.levelno >= logging.WARNING]
+
+
+def test_head_key_pattern_matches_whole_name_components():
+    match = loading._HEAD_KEY_RE.search
+    assert all(match(f"model.{name}.weight") for name in loading.HEAD_NAMES)
+    assert match("score.weight") and match("classifier.out_proj.bias")
+    assert not match("model.layers.0.scorer.weight") and not match("my_classifier.weight")
+
+
+@pytest.mark.parametrize(
+    ("task", "dataset_task", "label_names", "expected"),
+    [
+        ("sequence_classification", "classification", ("neg", "neu", "pos"), 3),
+        ("sequence_classification", "regression", None, 1),
+        ("sequence_classification", "mcq", None, None),
+        ("causal_lm", "classification", ("neg", "pos"), None),
+    ],
+)
+def test_num_labels_for(task, dataset_task, label_names, expected):
+    dataset = SimpleNamespace(task=dataset_task, num_labels=None if label_names is None else len(label_names))
+    assert num_labels_for(dataset, task) == expected
+
+
+def test_linear_names():
+    assert linear_names(_tiny_llama()) == sorted(
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -149,9 +200,9 @@ def test_bad_arguments(tmp_path):
 
 def test_resolve_sources(tmp_path):
     _tiny_llama().save_pretrained(tmp_path / "tiny")
-    src = rm.resolve_model_source(str(tmp_path / "tiny"))
+    src = resolve.resolve_model_source(str(tmp_path / "tiny"))
     assert src.kind == "local_dir" and src.location == str((tmp_path / "tiny").resolve())
-    assert rm.resolve_model_source("some-org/some-model").kind == "hub"
+    assert resolve.resolve_model_source("some-org/some-model").kind == "hub"
 
 
 # --------------------------------------------------------------------------- hub / missing packages
@@ -179,7 +230,7 @@ def test_unreachable_hub_detected_without_offline_flag(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network is unreachable (test)")
 
-    monkeypatch.setattr(rm.socket, "create_connection", refuse)
+    monkeypatch.setattr(probe.socket, "create_connection", refuse)
     start = time.perf_counter()
     with pytest.raises(ModelLoadError, match="unreachable/offline.*cannot connect"):
         load_model("riemix-no-such-org/no-such-model")
@@ -209,14 +260,14 @@ def fake_gguf(monkeypatch, tmp_path):
     gguf = tmp_path / "pkg" / "fake.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF-not-really")
-    monkeypatch.setattr(rm, "_locate_builtin", lambda spec: gguf)
+    monkeypatch.setattr(resolve, "_locate_builtin", lambda spec: gguf)
     calls = []
 
     def factory(path, dtype=torch.float32):
         calls.append(path)
         return _tiny_llama(seed=1), _tiny_tokenizer(with_pad=True)
 
-    monkeypatch.setattr(rm, "_load_from_gguf", factory)
+    monkeypatch.setattr(loading, "_load_from_gguf", factory)
     return calls
 
 
@@ -233,7 +284,7 @@ def test_gguf_cache_built_atomically_and_reused(fake_gguf, monkeypatch, tmp_path
         renames.append((Path(src), Path(dst)))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(rm.os, "rename", spy)
+    monkeypatch.setattr(fileio.os, "rename", spy)
     model1, tok1 = load_model("smollm2-135m", cache_dir=cache)
     final = cache / "models" / "smollm2-135m"
     assert len(fake_gguf) == 1
@@ -261,7 +312,7 @@ def test_gguf_cache_crash_leaves_nothing_loadable(fake_gguf, monkeypatch, tmp_pa
     def crash(directory):
         raise RuntimeError("simulated crash while writing the cache")
 
-    monkeypatch.setattr(rm, "_fsync_tree", crash)
+    monkeypatch.setattr(fileio, "fsync_tree", crash)
     with pytest.raises(ModelLoadError, match="simulated crash"):
         load_model("smollm2-135m", cache_dir=cache)
     models_dir = cache / "models"
@@ -271,7 +322,7 @@ def test_gguf_cache_crash_leaves_nothing_loadable(fake_gguf, monkeypatch, tmp_pa
 
 def test_gguf_cache_ignores_and_cleans_leftovers(fake_gguf, tmp_path):
     models_dir = tmp_path / "cache" / "models"
-    host = rm._host_tag()
+    host = fileio._host_tag()
     # A hard crash (kill -9) of a build on this host: half-written temp dir, dead pid.
     dead = models_dir / f".smollm2-135m.tmp.{host}.{DEAD_PID}.deadbeef"
     dead.mkdir(parents=True)
@@ -299,18 +350,18 @@ def test_gguf_cache_concurrent_writer_wins(fake_gguf, monkeypatch, tmp_path):
     """Another process publishes the cache while we build ours: we use theirs and discard ours."""
     cache = tmp_path / "cache"
     final = cache / "models" / "smollm2-135m"
-    spec = rm._BUILTINS["smollm2-135m"]
-    real_save = rm._fsync_tree
+    spec = resolve._BUILTINS["smollm2-135m"]
+    real_save = fileio.fsync_tree
 
     def other_writer_first(directory):
         real_save(directory)
         other = _tiny_llama(seed=2)
         other.save_pretrained(final)
         _tiny_tokenizer(with_pad=True).save_pretrained(final)
-        identity = rm._source_identity(spec, rm._locate_builtin(spec))
+        identity = gguf_cache._source_identity(spec, resolve._locate_builtin(spec))
         (final / "riemix_cache.json").write_text(json.dumps({"format": 1, "source": identity}))
 
-    monkeypatch.setattr(rm, "_fsync_tree", other_writer_first)
+    monkeypatch.setattr(fileio, "fsync_tree", other_writer_first)
     model, _ = load_model("smollm2-135m", cache_dir=cache)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, _tiny_llama(seed=2)(IDS).logits)

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import riemix.optim
+import riemix.optim.precondition
+from riemix.core.layer import MoELoRALinear
 from riemix.optim import OPTIMIZER_NAMES, RiemannianAdamW, RiemannianSGD, build_optimizer
+from riemix.optim.precondition import Job, precondition_grads_, precondition_reference
 
 F64 = torch.float64
 # (E, r, in, out); E=None means 2-D factors. Two pairs share a shape, several (E, r) buckets.
@@ -71,26 +73,19 @@ def assert_params_close(xs, ys, atol=1e-12, rtol=0.0):
         torch.testing.assert_close(x.detach(), y.detach(), atol=atol, rtol=rtol)
 
 
-class FakeMoELoRA(nn.Module):
-    """Stand-in for riemix.layer.MoELoRALinear with the same attribute names."""
-
-    def __init__(self, d_in, d_out, n_experts=3, r=2):
-        super().__init__()
-        self.base_layer = nn.Linear(d_in, d_out).requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.randn(n_experts, r, d_in, dtype=F64) * 0.3)
-        self.lora_B = nn.Parameter(torch.randn(n_experts, d_out, r, dtype=F64) * 0.3)
-        self.router = nn.Linear(d_in, n_experts, bias=False, dtype=F64)
-        self.base_layer.to(F64)
-
-    def forward(self, x):
-        gates = torch.softmax(self.router(x), dim=-1)  # (N, E)
-        delta = torch.einsum("ne,eor,eri,ni->no", gates, self.lora_B, self.lora_A, x)  # (N, out)
-        return self.base_layer(x) + delta
+def moe_layer(d_in, d_out, n_experts=3, r=2):
+    """A MoELoRALinear (fp64, frozen base, all experts routed) with random non-zero A and B."""
+    base = nn.Linear(d_in, d_out, dtype=F64).requires_grad_(False)
+    layer = MoELoRALinear(base, num_experts=n_experts, rank=r, alpha=r, top_k=n_experts)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(n_experts, r, d_in, dtype=F64) * 0.3)
+        layer.lora_B.copy_(torch.randn(n_experts, d_out, r, dtype=F64) * 0.3)
+    return layer
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return nn.Sequential(FakeMoELoRA(6, 5), nn.LayerNorm(5, dtype=F64), FakeMoELoRA(5, 4, n_experts=2, r=3))
+    return nn.Sequential(moe_layer(6, 5), nn.LayerNorm(5, dtype=F64), moe_layer(5, 4, n_experts=2, r=3))
 
 
 # 1. Zhang & Pilanci eq. 7 ---------------------------------------------------------------------------
@@ -145,8 +140,48 @@ def test_sgd_matches_per_expert_formula_multi_step(matmul_path):
 @pytest.fixture(params=["per_pair", "stacked"])
 def matmul_path(request, monkeypatch):
     """Run a test on both the CPU per-pair path and the stacked (accelerator) path."""
-    monkeypatch.setattr(riemix.optim, "_stack_matmuls", lambda device: request.param == "stacked")
+    monkeypatch.setattr(riemix.optim.precondition, "_stack_matmuls", lambda device: request.param == "stacked")
     return request.param
+
+
+def all_jobs(pairs, reg):
+    return [Job(a, b, True, reg) for a, b in pairs] + [Job(b, a, False, reg) for a, b in pairs]
+
+
+@pytest.mark.parametrize("reg", [0.0, 1e-3])
+def test_batched_preconditioning_matches_reference(matmul_path, reg):
+    pairs = make_pairs()
+    set_grads(flat(pairs), 0)
+    raw = [p.grad.clone() for p in flat(pairs)]
+    scratch = {}
+    for _ in range(2):  # the second call reuses the CPU scratch buffers
+        grads = {p: p.grad for p in flat(pairs)}
+        precondition_grads_(all_jobs(pairs, reg), grads, scratch)
+        for a, b in pairs:
+            ref_a = precondition_reference(a.grad, b.detach(), True, reg)
+            ref_b = precondition_reference(b.grad, a.detach(), False, reg)
+            oracle_a, oracle_b = ref_precond(a.detach(), b.detach(), a.grad, b.grad, reg)
+            for got, ref, oracle in ((grads[a], ref_a, oracle_a), (grads[b], ref_b, oracle_b)):
+                assert got.shape == ref.shape and got.dtype == ref.dtype == F64
+                torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+                torch.testing.assert_close(ref, oracle, atol=1e-12, rtol=1e-10)
+    assert bool(scratch) == (matmul_path == "per_pair")
+    assert all(torch.equal(p.grad, g) for p, g in zip(flat(pairs), raw, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F64])
+def test_batched_and_reference_agree_on_singular_grams_and_half(matmul_path, dtype):
+    a = torch.randn(2, 2, 5, dtype=F64).to(dtype)
+    b = torch.zeros(2, 4, 2, dtype=dtype)  # B = 0 and reg = 0: BᵀB is singular -> plain gradient for A
+    ga, gb = torch.randn_like(a), torch.randn_like(b)
+    grads = {a: ga, b: gb}
+    precondition_grads_([Job(a, b, True, 0.0), Job(b, a, False, 0.0)], grads, {})
+    torch.testing.assert_close(grads[a], ga, atol=0, rtol=0)
+    torch.testing.assert_close(precondition_reference(ga, b, True, 0.0), ga, atol=0, rtol=0)
+    ref_b = precondition_reference(gb, a, False, 0.0)
+    assert grads[b].dtype == ref_b.dtype == dtype
+    tol = dict(atol=0.02, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads[b], ref_b, **tol)
 
 
 @pytest.mark.parametrize("fused", [None, False])
@@ -580,7 +615,7 @@ def test_build_optimizer_groups(name):
     assert {(id(a), id(b)) for a, b in opt._pairs} == {(id(m.lora_A), id(m.lora_B)) for m in layers}
     x = torch.randn(7, 6, dtype=F64)
     model(x).pow(2).sum().backward()
-    opt.step()  # runs end to end on the stand-in model
+    opt.step()  # runs end to end on the tiny model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -599,7 +634,7 @@ def test_build_optimizer_matches_manual_preconditioned_step():
 
 
 def test_build_optimizer_frozen_b_and_omitted_groups():
-    model = nn.Sequential(FakeMoELoRA(4, 3), FakeMoELoRA(3, 3))
+    model = nn.Sequential(moe_layer(4, 3), moe_layer(3, 3))
     model[1].lora_B.requires_grad_(False)
     model[0].router.requires_grad_(False)
     model[1].router.requires_grad_(False)

@@ -16,10 +16,10 @@ from riemix import (
     load_adapter,
     save_adapter,
 )
+from riemix.core.regularizers import scale_anchor_loss
 from riemix.core.routing import route, top_p_select
-from riemix.core.tuner import (
+from riemix.core.schedules import (
     router_temperature_at,
-    scale_anchor_loss,
     scale_warmup_factor,
     set_router_temperature,
     set_scale_progress,

@@ -1,7 +1,8 @@
 """riemix: mixture-of-LoRA-experts fine-tuning with gate-rescaled Riemannian preconditioned optimizers."""
 
 from riemix.core.config import MoELoRAConfig
-from riemix.core.layer import MoELoRALinear, moe_lora_linear
+from riemix.core.functional import moe_lora_linear
+from riemix.core.layer import MoELoRALinear
 from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers
 from riemix.io.adapter import AdapterError, load_adapter, save_adapter
 from riemix.optim import RiemannianAdamW, RiemannianSGD, build_optimizer

@@ -1,17 +1,24 @@
-"""Evaluation: predictions and metrics of a ``TaskModel`` on a ``Dataset``."""
+"""Evaluation: predictions and metrics of a ``TaskModel`` on a ``Dataset``, and of a saved model.
+
+``predict``/``evaluate`` score a model already in memory (the trainer's evaluations);
+``evaluate_model`` loads a base model, optionally an adapter, and a dataset by name (``riemix eval``).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
-from .data import Dataset
-from .metrics import compute_metrics
-from .tasks import TaskModel, TaskSpec, eval_batches
+from riemix.data import Dataset, load_dataset
+from riemix.hub import load_model, num_labels_for
+from riemix.io.adapter import load_adapter
+from riemix.metrics import compute_metrics
+from riemix.tasks import TaskModel, TaskSpec, eval_batches
 
-__all__ = ["predict", "evaluate"]
+__all__ = ["predict", "evaluate", "evaluate_model"]
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -19,16 +26,18 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict(
-    task_model: TaskModel,
-    dataset: Dataset,
-    spec: TaskSpec,
-    tokenizer,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-) -> dict:
+def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int = 16,
+            device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
     """Score every example of ``dataset``.
+
+    Args:
+        task_model: The model and its head.
+        dataset: The examples (with targets for the scored tasks).
+        spec: How the examples are prompted and scored (``TaskSpec.for_dataset``).
+        tokenizer: The model's tokenizer.
+        batch_size: Examples per batch.
+        device: Where the batches go (the model's device).
+        autocast_dtype: Autocast to this dtype (None: no autocast).
 
     Returns:
         ``{"preds": array}`` (class/choice indices, or regression values) for scored tasks, or
@@ -76,17 +85,65 @@ def predict(
     return {"preds": np.asarray(preds)}
 
 
-def evaluate(
-    task_model: TaskModel,
-    dataset: Dataset,
-    spec: TaskSpec,
-    tokenizer,
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Metrics of ``task_model`` on ``dataset`` (its primary metric, plus loss/perplexity for SFT)."""
+def evaluate(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int = 16,
+             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Metrics of ``task_model`` on ``dataset`` (its primary metric, plus loss/perplexity for SFT).
+
+    The arguments are those of ``predict``.
+    """
     out = predict(task_model, dataset, spec, tokenizer, batch_size, device, autocast_dtype)
     if "loss" in out:
         return {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50.0))}
     return compute_metrics(dataset.metric, out["preds"], dataset.targets())
+
+
+def evaluate_model(
+    model: str = "smollm2-135m",
+    dataset: str = "glue/sst2",
+    adapter: str | None = None,
+    model_kind: str = "causal_lm",
+    split: str = "dev",
+    data_dir: str | None = None,
+    format: str = "cloze",
+    template: str | None = None,
+    label_words: list[str] | None = None,
+    subset: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 256,
+) -> dict[str, Any]:
+    """Load a base model (with an adapter, or zero-shot without) and evaluate it on a dataset.
+
+    Args:
+        model: Built-in name, local directory or hub id.
+        dataset: Built-in dataset name or a .jsonl/.tsv file.
+        adapter: Adapter directory written by riemix (optional: zero-shot without).
+        model_kind: The model's head: a causal LM scoring the answers, or a classification head.
+        split: Dataset split to evaluate.
+        data_dir: Directory laid out like the built-in data (see docs).
+        format: How a causal LM answers: the label words / choice texts (cloze), or the choice letters.
+        template: Prompt template for label-word classification.
+        label_words: One word per class.
+        subset: Evaluate a fixed random subset of this size (seed 0; none or 0: every example).
+        batch_size: Examples per evaluation batch.
+        max_length: Longest tokenised example, in tokens.
+
+    Returns:
+        ``{"dataset": name, "split": split, "examples": count, **metrics}``.
+
+    Raises:
+        riemix.data.DataError: an unknown or malformed dataset.
+        riemix.hub.ModelLoadError: a model that cannot be loaded.
+        riemix.AdapterError: a missing or corrupt adapter.
+        ValueError: options that do not fit the dataset (e.g. label words needed but not given).
+    """
+    ds = load_dataset(dataset, split, data_dir)
+    if subset:
+        ds = ds.subset(subset, seed=0)
+    base, tokenizer = load_model(model, task=model_kind, num_labels=num_labels_for(ds, model_kind))
+    if adapter:
+        load_adapter(base, adapter)
+    spec = TaskSpec.for_dataset(
+        ds, model_kind, format=format, template=template, label_words=label_words, max_length=max_length
+    )
+    metrics = evaluate(TaskModel(base, model_kind), ds, spec, tokenizer, batch_size)
+    return {"dataset": ds.name, "split": split, "examples": len(ds), **metrics}

@@ -26,6 +26,9 @@ from torch import nn
 from .data import ClassificationExample, Dataset, MCQExample, SFTExample
 
 __all__ = [
+    "FORMATS",
+    "MIN_MAX_LENGTH",
+    "MODEL_KINDS",
     "TaskSpec",
     "TaskModel",
     "LMItem",
@@ -34,7 +37,23 @@ __all__ = [
     "collate_lm",
     "collate_encoder",
     "eval_batches",
+    "one_of",
 ]
+
+#: Model kinds riemix trains and evaluates: a causal LM (``AutoModelForCausalLM``) or an encoder with a
+#: classification head (``AutoModelForSequenceClassification``).
+MODEL_KINDS: tuple[str, ...] = ("causal_lm", "sequence_classification")
+#: Multiple-choice formulations for causal LMs (see the module docstring).
+FORMATS: tuple[str, ...] = ("cloze", "letter")
+#: The smallest token budget per sequence (``max_length``) a task accepts.
+MIN_MAX_LENGTH = 8
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    """``"'a' or 'b'"`` / ``"'a', 'b' or 'c'"``: allowed values as error messages name them."""
+    quoted = [repr(v) for v in values]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
 
 DEFAULT_TEMPLATES = {
     "glue/sst2": "Review: {text}\nSentiment:",
@@ -64,14 +83,12 @@ class TaskSpec:
     max_length: int = 256
 
     def __post_init__(self) -> None:
-        if self.model_kind not in ("causal_lm", "sequence_classification"):
-            raise ValueError(
-                f"model_kind must be 'causal_lm' or 'sequence_classification', got {self.model_kind!r}"
-            )
-        if self.format not in ("cloze", "letter"):
-            raise ValueError(f"format must be 'cloze' or 'letter', got {self.format!r}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be {one_of(MODEL_KINDS)}, got {self.model_kind!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be {one_of(FORMATS)}, got {self.format!r}")
+        if self.max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"max_length must be >= {MIN_MAX_LENGTH}, got {self.max_length}")
         if self.model_kind == "causal_lm" and self.task == "regression":
             raise ValueError(
                 "regression tasks need an encoder (task sequence_classification), not a causal LM"

@@ -1,5 +1,61 @@
-"""The ``riemix`` command line."""
+"""The ``riemix`` command line: one module per subcommand, every option generated from the fields or
+parameters it sets (``riemix.cli.flags``).
 
-from riemix.cli.main import build_parser, main
+riemix train                                  # the default job (SmolLM2-135M on SST-2)
+riemix train --config configs/paper.yaml --lr 2e-5 --output-dir runs/x
+riemix train --output-dir runs/x --resume     # continue the latest checkpoint
+riemix eval --model smollm2-135m --adapter runs/x/adapter --dataset glue/sst2
+riemix inspect runs/x                         # routing/expert diagnostics: tables + plots
+riemix check-init smollm2-135m --init pissa   # does the adapter init change the model's outputs?
+
+Each subcommand module has ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(namespace) -> exit status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from riemix.cli import check_init as check_init_command
+from riemix.cli import eval as eval_command
+from riemix.cli import inspect as inspect_command
+from riemix.cli import train as train_command
+from riemix.data import DataError
+from riemix.hub import ModelLoadError
+from riemix.io.adapter import AdapterError
 
 __all__ = ["build_parser", "main"]
+
+#: The subcommand modules, in the order ``--help`` lists them.
+COMMANDS = (train_command, eval_command, inspect_command, check_init_command)
+#: Exceptions that mean bad input: reported in one line, exit status 2.
+INPUT_ERRORS = (ValueError, DataError, AdapterError, ModelLoadError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``riemix`` argument parser (subcommands ``train``, ``eval``, ``inspect``, ``check-init``)."""
+    parser = argparse.ArgumentParser(
+        prog="riemix",
+        description="MoE-LoRA fine-tuning with gate-rescaled Riemannian preconditioned optimizers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        sub_parser = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(sub_parser)
+        sub_parser.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``riemix`` command; returns the exit status (2 on bad input).
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+    """
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.handler(ns)
+    except INPUT_ERRORS as exc:
+        print(f"riemix {ns.command}: error: {exc}", file=sys.stderr)
+        return 2

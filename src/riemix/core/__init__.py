@@ -1,0 +1,68 @@
+"""The core tier: the MoE-LoRA math and its state, on PyTorch and safetensors alone.
+
+Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (only ``riemix.core.*``);
+``tests/test_core_imports.py`` enforces it.  Everything above (``io``, ``hub``, ``training``,
+``diagnostics``, ``cli``) builds on these modules:
+
+    config.py        MoELoRAConfig and every enumeration (routing modes, inits, regulariser modes)
+    routing.py       route(): router logits -> gates; the gate-rescaling coefficients
+    functional.py    moe_lora_linear (the fused autograd function) and reference_moe_lora_linear
+    init.py          the adapter initialisations (zero_b, gaussian, orthogonal, pissa, small_b)
+    layer.py         MoELoRALinear, iter_moe_lora_layers
+    tuner.py         add_moe_lora: find and wrap the targeted nn.Linear modules
+    state.py         the table of adapter tensors -> state dict, expected shapes
+    schedules.py     LR multiplier, scale warm-up, router temperature, set_training_progress
+    geometry.py      Gram / cosine similarity / singular values / effective rank of the expert factors
+    regularizers.py  auxiliary losses, inject_gradients, apply_regularizers over a model
+
+The import graph inside the tier runs top to bottom in that list (config first, regularizers last).
+"""
+
+from riemix.core.config import DENSE_MODES, INIT_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES, MoELoRAConfig
+from riemix.core.functional import RouteSpec, moe_lora_linear, reference_moe_lora_linear
+from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, effective_rank, expert_singular_values
+from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
+from riemix.core.regularizers import (
+    REGULARIZERS,
+    apply_regularizers,
+    inject_gradients,
+    regularizer_terms,
+    scale_anchor_loss,
+)
+from riemix.core.routing import route
+from riemix.core.schedules import linear_schedule, set_training_progress
+from riemix.core.state import ADAPTER_TENSORS, adapter_state_dict, adapter_tensor_shapes
+from riemix.core.tuner import add_moe_lora, find_target_modules, layer_index, linear_names
+
+__all__ = [
+    "ADAPTER_TENSORS",
+    "DENSE_MODES",
+    "INIT_MODES",
+    "REGULARIZERS",
+    "REGULARIZER_MODES",
+    "ROUTING_MODES",
+    "TOPK_MODES",
+    "MoELoRAConfig",
+    "MoELoRALinear",
+    "RouteSpec",
+    "adapter_state_dict",
+    "adapter_tensor_shapes",
+    "add_moe_lora",
+    "apply_regularizers",
+    "cosine_similarity_a",
+    "cosine_similarity_ba",
+    "effective_rank",
+    "expert_singular_values",
+    "find_target_modules",
+    "inject_gradients",
+    "iter_moe_lora_layers",
+    "layer_index",
+    "linear_names",
+    "linear_schedule",
+    "moe_lora_linear",
+    "reference_moe_lora_linear",
+    "regularizer_terms",
+    "route",
+    "scale_anchor_loss",
+    "set_training_progress",
+]

@@ -13,12 +13,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MoELoRAConfig", "ROUTING_MODES", "INIT_MODES"]
+__all__ = ["MoELoRAConfig", "ROUTING_MODES", "TOPK_MODES", "DENSE_MODES", "INIT_MODES", "REGULARIZER_MODES"]
 
 #: Routing modes accepted by ``MoELoRAConfig.routing``.
 ROUTING_MODES = ("softmax_topk", "topk_softmax", "dense", "top_p", "global")
+#: Modes whose selection keeps the ``top_k`` largest (noisy) logits.
+TOPK_MODES = ("softmax_topk", "topk_softmax")
+#: Modes without any selection: every expert is active for every token (``top_k`` is E, no noise).
+DENSE_MODES = ("dense", "global")
 #: Initialisations accepted by ``MoELoRAConfig.init``.
 INIT_MODES = ("zero_b", "gaussian", "orthogonal", "pissa", "small_b")
+#: How regularisers reach the parameters (``riemix.core.regularizers.apply_regularizers``): added to the
+#: task loss, or their gradients injected straight into ``.grad``.
+REGULARIZER_MODES = ("loss", "inject")
 
 ExpertCount = int | Sequence[int] | Callable[[int], int]
 
@@ -70,7 +77,7 @@ class MoELoRAConfig:
         expert_scales: Multiply each expert's output by a learned channel-wise vector ``(out,)``
             initialised to 1 (any routing mode; the SOSLoRA design pairs it with ``"global"``).
         scale_anchor_beta: Coefficient of the L2 pull of the expert scale vectors toward their initial
-            value 1 (``riemix.tuner.scale_anchor_loss``); needs ``expert_scales``.
+            value 1 (``riemix.core.regularizers.scale_anchor_loss``); needs ``expert_scales``.
     """
 
     num_experts: ExpertCount = 8
@@ -109,7 +116,7 @@ class MoELoRAConfig:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
         min_e = self._static_min_experts()
-        if min_e is not None and self.routing not in ("dense", "global") and self.top_k > min_e:
+        if min_e is not None and self.routing not in DENSE_MODES and self.top_k > min_e:
             raise ValueError(f"top_k must be in 1..num_experts ({min_e}), got {self.top_k}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
@@ -158,7 +165,7 @@ class MoELoRAConfig:
             raise ValueError(f"router_temperature_final must be > 0 or None, got {final!r}")
         if not self.router_noise_std >= 0:
             raise ValueError(f"router_noise_std must be >= 0, got {self.router_noise_std!r}")
-        if self.router_noise_std > 0 and self.routing in ("dense", "global"):
+        if self.router_noise_std > 0 and self.routing in DENSE_MODES:
             raise ValueError(
                 f"router_noise_std must be 0 with routing={self.routing!r} (nothing is selected), "
                 f"got {self.router_noise_std!r}"
@@ -205,7 +212,7 @@ class MoELoRAConfig:
         else:
             e = self.num_experts(idx)
             _check_experts(e, f"num_experts({idx})")
-        if self.routing not in ("dense", "global") and self.top_k > e:
+        if self.routing not in DENSE_MODES and self.top_k > e:
             raise ValueError(f"top_k must be in 1..num_experts ({e}) for layer {idx}, got {self.top_k}")
         return int(e)
 

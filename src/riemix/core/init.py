@@ -31,7 +31,6 @@ __all__ = [
     "pissa_factors",
     "pissa_residual",
     "restore_pissa",
-    "INIT_MODES",
 ]
 
 

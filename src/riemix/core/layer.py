@@ -2,201 +2,27 @@
 
     y = base(x) + s · Σᵢ gᵢ(x) · Bᵢ Aᵢ dropout(x)
 
-All experts are computed at once from stacked tensors: h = x̃·A_catᵀ has width E·r, is gate-weighted
-per expert block and multiplied by B_catᵀ.  One custom autograd node computes the base projection, the
-router logits (sharing the matmul over x with A when there is no dropout), the gates and the experts,
-accumulating into one output buffer.  It implements *gate rescaling*
-(Sun et al., ICML 2025): the forward value is gᵢ·eᵢ, the gradient reaching Aᵢ, Bᵢ and x is weighted by
-cᵢ = stopgrad(gᵢ^p) instead of gᵢ, and the router receives the ordinary ∂L/∂gᵢ = s·<∂L/∂y, Bᵢ Aᵢ x̃>.
-Equivalently wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ); the fused function computes that without a second
-pass over B.
+``MoELoRALinear`` owns the parameters (stacked ``lora_A`` ``(E, r, in)``, ``lora_B`` ``(E, out, r)``, the
+router or the global gate, optional expert scales) and the runtime state (scale warm-up factor, router
+temperature, recorded routing); the math of one call is ``riemix.core.functional.moe_lora_linear`` (one
+fused autograd node with gate-rescaled gradients, see that module).  Initialisations are in
+``riemix.core.init``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from riemix.core.routing import gate_grad_coefficients, gate_multiplier, route, softmax_gate_backward
+from riemix.core.config import DENSE_MODES
+from riemix.core.functional import moe_lora_linear
+from riemix.core.init import initialise_layer
+from riemix.core.routing import route
 
-__all__ = ["MoELoRALinear", "RouteSpec", "moe_lora_linear"]
-
-
-class RouteSpec(NamedTuple):
-    """Non-tensor routing options of the fused function.
-
-    Attributes:
-        mode: routing mode (see ``riemix.routing.route``).
-        top_k: experts per token (the cap of ``"top_p"``).
-        temperature: router temperature T.
-        top_p: mass threshold of ``"top_p"``.
-    """
-
-    mode: str
-    top_k: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
-class _MoELoRAFunction(torch.autograd.Function):
-    """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``."""
-
-    @staticmethod
-    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling):  # noqa: D102
-        ctx.set_materialize_grads(False)
-        n = x.shape[0]  # x: (N, in)
-        e, r, d_in = lora_a.shape  # lora_a: (E, r, in)
-        d_out = lora_b.shape[1]  # lora_b: (E, out, r)
-        a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in)
-        b_cat = lora_b.permute(1, 0, 2).reshape(d_out, e * r)  # (out, E·r)
-        is_global = spec.mode == "global"
-        if is_global:  # router_w: (E,) per-layer gate logits, the same for every token
-            w_cat = a_cat if x_drop is None else None
-            h = (x if x_drop is None else x_drop) @ a_cat.t()  # (N, E·r)
-            logits = router_w.unsqueeze(0).expand(n, e).contiguous()  # (N, E)
-        elif x_drop is None:  # router and experts read the same input: one pass over x
-            w_cat = torch.cat([a_cat, router_w])  # (E·r + E, in)
-            hl = x @ w_cat.t()  # (N, E·r + E)
-            h, logits = hl[:, : e * r], hl[:, e * r :].contiguous()  # (N, E·r), (N, E)
-        else:
-            w_cat = None
-            h = x_drop @ a_cat.t()  # (N, E·r)
-            logits = x @ router_w.t()  # (N, E)
-        gates, _ = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
-        coef = gate_grad_coefficients(gates, power)  # (N, E)
-        y = F.linear(x, weight, bias)  # (N, out)
-        u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-        y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
-        ctx.save_for_backward(x, x_drop, weight, a_cat, b_cat, router_w, w_cat, h, gates, coef)
-        ctx.meta = (
-            e,
-            r,
-            scaling,
-            bias is not None,
-            is_global,
-            spec.temperature,
-            gate_multiplier(spec.mode, e),
-        )
-        ctx.mark_non_differentiable(gates)
-        return y, logits, gates
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_logits, _grad_gates):  # noqa: D102
-        x, x_drop, weight, a_cat, b_cat, router_w, w_cat, h, gates, coef = ctx.saved_tensors
-        e, r, s, has_bias, is_global, temperature, mult = ctx.meta
-        n, d_in = x.shape
-        need = ctx.needs_input_grad
-        dtype = x.dtype
-        if grad_y is None:
-            grad_y = torch.zeros(n, b_cat.shape[0], dtype=dtype, device=x.device)
-        du = grad_y @ b_cat  # (N, E·r): ∂L/∂(gated h), without s
-        dg = (du.view(n, e, r) * h.view(n, e, r)).sum(-1).to(gates.dtype) * s  # (N, E) = s·<∂L/∂y, Bᵢ Aᵢ x̃>
-        # gates = m·softmax(logits/T) over the selected set: ∂L/∂l = (g/T) ⊙ (∂L/∂g − ⟨g, ∂L/∂g⟩/m).
-        dlog = softmax_gate_backward(gates, dg, temperature, mult)  # (N, E)
-        if grad_logits is not None:
-            dlog = dlog + grad_logits.to(gates.dtype)
-        dlog = dlog.to(dtype)
-        dh = (du.view(n, e, r) * (coef * s).to(dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r), weighted by c
-        grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = grad_r = None
-        if is_global:
-            expert_in = x if x_drop is None else x_drop  # (N, in)
-            if need[0]:
-                grad_x = grad_y @ weight  # (N, in)
-                if x_drop is None:
-                    grad_x = grad_x.addmm_(dh, a_cat)
-            if need[1]:
-                grad_xd = dh @ a_cat  # (N, in)
-            if need[4]:
-                grad_a = (dh.t() @ expert_in).view(e, r, d_in)  # (E, r, in)
-            if need[6]:
-                grad_r = dlog.sum(0)  # (E,)
-        elif x_drop is None:
-            d_cat = torch.cat([dh, dlog], dim=1)  # (N, E·r + E)
-            if need[0]:
-                grad_x = (grad_y @ weight).addmm_(d_cat, w_cat)  # (N, in)
-            if need[4] or need[6]:
-                g_cat = d_cat.t() @ x  # (E·r + E, in)
-                grad_a, grad_r = g_cat[: e * r].view(e, r, d_in), g_cat[e * r :]
-        else:
-            if need[0]:
-                grad_x = (grad_y @ weight).addmm_(dlog, router_w)  # (N, in)
-            if need[1]:
-                grad_xd = dh @ a_cat  # (N, in)
-            if need[4]:
-                grad_a = (dh.t() @ x_drop).view(e, r, d_in)  # (E, r, in)
-            if need[6]:
-                grad_r = dlog.t() @ x  # (E, in)
-        if need[5]:
-            hc = (h.view(n, e, r) * (coef * s).to(dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-            grad_bb = (grad_y.t() @ hc).view(-1, e, r).permute(1, 0, 2).contiguous()  # (E, out, r)
-        if need[2]:
-            grad_w = grad_y.t() @ x  # (out, in)
-        if need[3] and has_bias:
-            grad_b = grad_y.sum(0)  # (out,)
-        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, grad_r, None, None, None, None
-
-
-def moe_lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    router_weight: torch.Tensor,
-    routing: str,
-    top_k: int,
-    gate_grad_power: float,
-    scaling: float,
-    x_drop: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional MoE-LoRA linear: ``y = x Wᵀ + b + s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃`` with gate-rescaled gradients.
-
-    One autograd node computes the base projection, the router logits, the gates and all experts from
-    stacked tensors.  When there is no dropout the router and the experts share one matmul over x.
-    Backward: A, B and x̃ receive gradients weighted by cᵢ = stopgrad(gᵢ^p); the router receives the
-    ordinary gradient (plus any gradient flowing into the returned logits, e.g. from auxiliary losses).
-
-    Args:
-        x: ``(N, in)`` input (router input, and expert input when ``x_drop`` is None).
-        weight: ``(out, in)`` base weight.
-        bias: ``(out,)`` base bias or None.
-        lora_a: ``(E, r, in)`` stacked A matrices.
-        lora_b: ``(E, out, r)`` stacked B matrices.
-        router_weight: ``(E, in)`` router weight, or the ``(E,)`` gate logits for ``routing="global"``.
-        routing: routing mode (see ``riemix.routing.route``).
-        top_k: experts per token.
-        gate_grad_power: p in [0, 1].
-        scaling: adapter scale s.
-        x_drop: ``(N, in)`` expert input after dropout, or None to use ``x``.
-        temperature: router temperature T > 0.
-        top_p: mass threshold of ``routing="top_p"``.
-        noise: optional ``(N, E)`` selection noise (noisy top-k; gate values use the clean logits).
-
-    Returns:
-        ``(y, logits, gates)``: ``(N, out)`` output, ``(N, E)`` router logits (differentiable) and
-        ``(N, E)`` fp32 gates (not differentiable; for diagnostics).
-    """
-    spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
-    return _MoELoRAFunction.apply(
-        x,
-        x_drop,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        router_weight,
-        noise,
-        spec,
-        float(gate_grad_power),
-        float(scaling),
-    )
+__all__ = ["MoELoRALinear", "iter_moe_lora_layers"]
 
 
 class MoELoRALinear(nn.Module):
@@ -212,8 +38,8 @@ class MoELoRALinear(nn.Module):
         expert_scale: ``(E, out_features)`` channel-wise scale of each expert's output (``expert_scales``),
             else None.
         scaling: adapter scale s (``alpha/r`` or ``alpha/sqrt(r)``).
-        scale_factor: multiplier of s in [0, 1] (scale warm-up; see ``riemix.tuner.set_scale_progress``).
-        router_temperature: current router temperature T (see ``riemix.tuner.set_router_temperature``).
+        scale_factor: multiplier of s in [0, 1] (scale warm-up; see ``riemix.core.schedules.set_scale_progress``).
+        router_temperature: current router temperature T (see ``riemix.core.schedules.set_router_temperature``).
         router_noise_std: std of the selection noise added to the logits in training mode.
         top_p: mass threshold of ``routing="top_p"``.
         init_info: how the last init went (``"joint"``/``"per_expert"`` for ``"orthogonal"``, else the
@@ -250,7 +76,7 @@ class MoELoRALinear(nn.Module):
         self.num_experts = num_experts
         self.rank = rank
         self.alpha = alpha
-        self.top_k = num_experts if routing in ("dense", "global") else min(top_k, num_experts)
+        self.top_k = num_experts if routing in DENSE_MODES else min(top_k, num_experts)
         self.routing = routing
         self.gate_grad_power = gate_grad_power
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
@@ -304,8 +130,6 @@ class MoELoRALinear(nn.Module):
         Raises:
             ValueError: for an unknown init or a repeated PiSSA init.
         """
-        from riemix.core.init import initialise_layer
-
         initialise_layer(self, init, router_init_std)
 
     def compute_gates(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,7 +173,7 @@ class MoELoRALinear(nn.Module):
         x2d = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
         x_drop = self.dropout(x2d) if isinstance(self.dropout, nn.Dropout) and self.training else None
         noise = None
-        if self.training and self.router_noise_std > 0 and self.routing not in ("dense", "global"):
+        if self.training and self.router_noise_std > 0 and self.routing not in DENSE_MODES:
             noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             noise = torch.randn(x2d.shape[0], self.num_experts, dtype=noise_dtype, device=x.device)  # (N, E)
             noise = noise * self.router_noise_std
@@ -393,3 +217,10 @@ class MoELoRALinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}"
         )
+
+
+def iter_moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:
+    """Yield ``(name, layer)`` for every ``MoELoRALinear`` in ``model`` (re-exported by ``riemix.core.tuner``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoELoRALinear):
+            yield name, module

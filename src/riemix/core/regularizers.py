@@ -1,4 +1,4 @@
-"""Auxiliary MoE losses (regularisers): pure functions of router logits or of the expert factors.
+"""Auxiliary MoE losses (regularisers) and how they are applied to a model.
 
 Router-statistic losses take ``(N, E)`` router logits and an optional token mask (1 = real token,
 0 = padding; any shape with N elements):
@@ -8,50 +8,64 @@ Router-statistic losses take ``(N, E)`` router logits and an optional token mask
 - ``uniform_prior_loss``: KL(mean routing distribution ‖ uniform).
 
 Parameter losses take the stacked factors of one layer, ``lora_a`` ``(E, r, in)`` and ``lora_b``
-``(E, out, r)``:
+``(E, out, r)`` (their geometry is ``riemix.core.geometry``):
 
 - ``expert_diversity_loss``: mean squared off-diagonal cosine similarity of the experts' A (and of BᵢAᵢ);
-- ``orthogonality_loss``: ‖A_all·A_allᵀ − I‖²_F with A_all the (E·r, in) stack of every expert's rows.
+- ``orthogonality_loss``: ‖A_all·A_allᵀ − I‖²_F with A_all the (E·r, in) stack of every expert's rows;
+- ``scale_anchor_loss``: β·‖σ − 1‖² of the expert scale vectors (``MoELoRAConfig.scale_anchor_beta``).
 
-``inject_gradients`` adds a regulariser's gradient straight to ``.grad`` of chosen parameters (the
-trainer's ``regularizer_mode="inject"``). See docs/math.md, "Regularisers", for how each interacts with
-gate rescaling and with the Riemannian preconditioner.
+Over a model: ``regularizer_terms`` weights each regulariser named in ``REGULARIZERS`` by its coefficient
+and averages it over the adapted layers; ``apply_regularizers`` returns their sum as a loss
+(``mode="loss"``) or adds their gradients straight to ``.grad`` with ``inject_gradients``
+(``mode="inject"``: router statistics to the routing parameters only, parameter losses to A and B only).
+See docs/math.md, "Regularisers", for how each interacts with gate rescaling and with the Riemannian
+preconditioner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
+from riemix.core.config import REGULARIZER_MODES
+from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, stacked_gram_a
+from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
 from riemix.core.routing import route
 
 __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "uniform_prior_loss",
-    "expert_gram_ba",
-    "cosine_similarity_a",
-    "cosine_similarity_ba",
     "expert_diversity_loss",
     "orthogonality_loss",
+    "scale_anchor_loss",
     "inject_gradients",
+    "ROUTER_REGULARIZERS",
+    "PARAM_REGULARIZERS",
+    "REGULARIZERS",
+    "uses_router_regularizers",
+    "regularizer_terms",
+    "apply_regularizers",
 ]
 
 
-def _work(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+def _over_tokens(
+    logits: torch.Tensor, mask: torch.Tensor | None, loss: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``loss`` of the rows of ``logits`` ``(N, E)`` whose mask entry is non-zero, in fp32 (fp64 kept).
 
-
-def _select(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rows of ``logits`` ``(N, E)`` whose mask entry is non-zero, in fp32 (fp64 kept)."""
+    Returns a differentiable 0 when no row is left; raises ValueError for logits that are not 2-D or a
+    mask without N elements.
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, E), got shape {tuple(logits.shape)}")
-    if mask is None:
-        return _work(logits)
-    if mask.numel() != logits.shape[0]:
+    if mask is not None and mask.numel() != logits.shape[0]:
         raise ValueError(f"mask has {mask.numel()} elements for {logits.shape[0]} tokens")
-    return _work(logits[mask.reshape(-1).to(logits.device).bool()])
+    rows = logits if mask is None else logits[mask.reshape(-1).to(logits.device).bool()]  # (N', E)
+    rows = rows if rows.dtype == torch.float64 else rows.float()
+    return rows.sum() * 0.0 if rows.shape[0] == 0 else loss(rows)
 
 
 def load_balancing_loss(
@@ -75,15 +89,15 @@ def load_balancing_loss(
     Raises:
         ValueError: logits not 2-D, or a mask of the wrong size.
     """
-    logits = _select(logits, mask)  # (N', E)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    num_experts = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1)  # (N', E)
-    _, selected = route(logits.detach(), routing, top_k)  # (N', E)
-    sel = selected.to(logits.dtype)  # (N', E)
-    frac = sel.mean(0) / sel.sum(-1).mean()  # (E,) sums to 1
-    return num_experts * (frac * probs.mean(0)).sum()
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(rows, dim=-1)  # (N', E)
+        _, selected = route(rows.detach(), routing, top_k)  # (N', E)
+        sel = selected.to(rows.dtype)  # (N', E)
+        frac = sel.mean(0) / sel.sum(-1).mean()  # (E,) sums to 1
+        return rows.shape[-1] * (frac * probs.mean(0)).sum()
+
+    return _over_tokens(logits, mask, loss)
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,10 +113,7 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     Raises:
         ValueError: logits not 2-D, or a mask of the wrong size.
     """
-    logits = _select(logits, mask)  # (N', E)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return _over_tokens(logits, mask, lambda rows: torch.logsumexp(rows, dim=-1).pow(2).mean())
 
 
 def uniform_prior_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,84 +134,12 @@ def uniform_prior_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -
     Raises:
         ValueError: logits not 2-D, or a mask of the wrong size.
     """
-    logits = _select(logits, mask)  # (N', E)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    num_experts = logits.shape[-1]
-    mean = torch.softmax(logits, dim=-1).mean(0)  # (E,)
-    return (mean * torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny) * num_experts)).sum()
 
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        mean = torch.softmax(rows, dim=-1).mean(0)  # (E,)
+        return (mean * torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny) * rows.shape[-1])).sum()
 
-def _check_factors(lora_a: torch.Tensor, lora_b: torch.Tensor | None) -> None:
-    if lora_a.dim() != 3:
-        raise ValueError(f"lora_a must be (E, r, in), got shape {tuple(lora_a.shape)}")
-    if lora_b is not None and (
-        lora_b.dim() != 3 or lora_b.shape[0] != lora_a.shape[0] or lora_b.shape[2] != lora_a.shape[1]
-    ):
-        raise ValueError(
-            f"lora_b must be (E, out, r) matching lora_a {tuple(lora_a.shape)}, got {tuple(lora_b.shape)}"
-        )
-
-
-def expert_gram_ba(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """Frobenius Gram matrix Gᵢⱼ = ⟨BᵢAᵢ, BⱼAⱼ⟩_F without forming any out × in product.
-
-    ⟨BᵢAᵢ, BⱼAⱼ⟩_F = tr(AᵢᵀBᵢᵀBⱼAⱼ) = Σₐᵦ (BᵢᵀBⱼ)ₐᵦ·(AᵢAⱼᵀ)ₐᵦ: two batches of r × r products,
-    O(E²·r²·(in + out)) work.
-
-    Args:
-        lora_a: ``(E, r, in)``.
-        lora_b: ``(E, out, r)``.
-
-    Returns:
-        ``(E, E)`` symmetric Gram matrix (differentiable), in the factors' dtype (fp32 at least).
-
-    Raises:
-        ValueError: factor shapes that do not fit together.
-    """
-    _check_factors(lora_a, lora_b)
-    a, b = _work(lora_a), _work(lora_b)
-    btb = torch.einsum("ioa,job->ijab", b, b)  # (E, E, r, r): Bᵢᵀ Bⱼ
-    aat = torch.einsum("iak,jbk->ijab", a, a)  # (E, E, r, r): Aᵢ Aⱼᵀ
-    return (btb * aat).sum((-1, -2))  # (E, E)
-
-
-def _cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    norms = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()  # (E,)
-    return gram / (norms[:, None] * norms[None, :])  # (E, E); 0 where an expert is exactly zero
-
-
-def cosine_similarity_a(lora_a: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the experts' flattened A matrices.
-
-    Args:
-        lora_a: ``(E, r, in)``.
-
-    Returns:
-        ``(E, E)`` matrix with ones on the diagonal (0 rows/columns for an all-zero expert).
-
-    Raises:
-        ValueError: ``lora_a`` not 3-D.
-    """
-    _check_factors(lora_a, None)
-    flat = _work(lora_a).reshape(lora_a.shape[0], -1)  # (E, r·in)
-    return _cosine_from_gram(flat @ flat.t())
-
-
-def cosine_similarity_ba(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the experts' flattened BᵢAᵢ (via ``expert_gram_ba``).
-
-    Args:
-        lora_a: ``(E, r, in)``.
-        lora_b: ``(E, out, r)``.
-
-    Returns:
-        ``(E, E)`` matrix; 0 rows/columns for experts whose BᵢAᵢ is zero (e.g. zero-initialised B).
-
-    Raises:
-        ValueError: factor shapes that do not fit together.
-    """
-    return _cosine_from_gram(expert_gram_ba(lora_a, lora_b))
+    return _over_tokens(logits, mask, loss)
 
 
 def _mean_sq_offdiag(cos: torch.Tensor) -> torch.Tensor:
@@ -248,9 +187,7 @@ def orthogonality_loss(lora_a: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``lora_a`` not 3-D.
     """
-    _check_factors(lora_a, None)
-    rows = _work(lora_a).reshape(-1, lora_a.shape[-1])  # (E·r, in)
-    gram = rows @ rows.t()  # (E·r, E·r)
+    gram = stacked_gram_a(lora_a)  # (E·r, E·r)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum()
 
@@ -290,3 +227,143 @@ def inject_gradients(
             else:
                 p.grad.add_(g)
     return list(grads)
+
+
+def scale_anchor_loss(model: nn.Module) -> torch.Tensor | None:
+    """β·Σ over layers of ‖σ − 1‖² (sum over experts and channels) for the expert scale vectors σ.
+
+    β is ``model.moe_lora_config.scale_anchor_beta``; the initial value of every scale is 1.
+
+    Returns:
+        A scalar tensor, or None when β = 0 or the model has no expert scales.
+    """
+    config = getattr(model, "moe_lora_config", None)
+    if config is None or not config.scale_anchor_beta:
+        return None
+    terms = [
+        (layer.expert_scale - 1.0).pow(2).sum()
+        for _, layer in iter_moe_lora_layers(model)
+        if layer.expert_scale is not None
+    ]
+    if not terms:
+        return None
+    return config.scale_anchor_beta * torch.stack(terms).sum()
+
+
+# ---------------------------------------------------------------- regularisers over a model's layers
+#: Regularisers of router statistics: name -> loss of one layer given its recorded logits and a mask.
+_ROUTER_LOSSES: dict[str, Callable[[MoELoRALinear, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "load_balance": lambda layer, logits, mask: load_balancing_loss(logits, layer.top_k, layer.routing, mask),
+    "z_loss": lambda layer, logits, mask: router_z_loss(logits, mask),
+    "uniform_prior": lambda layer, logits, mask: uniform_prior_loss(logits, mask),
+}
+#: Regularisers of the expert factors: name -> loss of one layer.
+_PARAM_LOSSES: dict[str, Callable[[MoELoRALinear], torch.Tensor]] = {
+    "diversity": lambda layer: expert_diversity_loss(layer.lora_A, layer.lora_B),
+    "orthogonality": lambda layer: orthogonality_loss(layer.lora_A),
+}
+ROUTER_REGULARIZERS: tuple[str, ...] = tuple(_ROUTER_LOSSES)
+PARAM_REGULARIZERS: tuple[str, ...] = tuple(_PARAM_LOSSES)
+#: Every regulariser name, the keys of the ``coefs`` mapping (``TrainConfig`` field: ``<name>_coef``).
+REGULARIZERS: tuple[str, ...] = ROUTER_REGULARIZERS + PARAM_REGULARIZERS
+
+
+def uses_router_regularizers(coefs: Mapping[str, float]) -> bool:
+    """Whether any router-statistic regulariser has a non-zero coefficient (the layers must then have
+    ``record_routing = True`` so that their forward keeps ``last_router_logits``)."""
+    return any(coefs.get(name) for name in ROUTER_REGULARIZERS)
+
+
+def regularizer_terms(
+    layers: Sequence[MoELoRALinear], coefs: Mapping[str, float], mask: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, float]]:
+    """Weighted regulariser terms of the given layers, split into router-statistic and parameter ones.
+
+    Each regulariser with a non-zero coefficient is computed per layer; its term is
+    ``coef · value / len(layers)`` (so the sum of a regulariser's terms is its coefficient times its mean
+    over the layers).  Terms are ordered layer by layer, and within a layer in the order of
+    ``ROUTER_REGULARIZERS`` / ``PARAM_REGULARIZERS``.
+
+    Args:
+        layers: the adapted layers; router regularisers read each one's ``last_router_logits`` ``(N, E)``.
+        coefs: ``{name: coefficient}`` for names in ``REGULARIZERS`` (missing or 0: off).
+        mask: optional token mask (1 = real token); used for a layer whose logits have as many rows as
+            the mask has elements, ignored otherwise.
+
+    Returns:
+        ``(router_terms, param_terms, logs)``: lists of scalar tensors and ``{name: unweighted mean over
+        the layers}`` (floats) for every active regulariser.
+
+    Raises:
+        ValueError: an unknown regulariser name, or a router regulariser on a layer that recorded no
+            routing (set ``layer.record_routing = True`` before the forward).
+    """
+    unknown = sorted(set(coefs) - set(REGULARIZERS))
+    if unknown:
+        raise ValueError(f"unknown regulariser(s) {unknown}; valid: {list(REGULARIZERS)}")
+    active_router = [name for name in ROUTER_REGULARIZERS if coefs.get(name)]
+    active_param = [name for name in PARAM_REGULARIZERS if coefs.get(name)]
+    router_terms: list[torch.Tensor] = []
+    param_terms: list[torch.Tensor] = []
+    logs: dict[str, float] = {}
+    for layer in layers:
+        values = {}
+        if active_router:
+            logits = layer.last_router_logits  # (N, E)
+            if logits is None:
+                raise ValueError("router regularisers need layer.record_routing = True before the forward")
+            m = mask if mask is not None and mask.numel() == logits.shape[0] else None
+            values.update({name: _ROUTER_LOSSES[name](layer, logits, m) for name in active_router})
+        values.update({name: _PARAM_LOSSES[name](layer) for name in active_param})
+        for names, terms in ((active_router, router_terms), (active_param, param_terms)):
+            for name in names:
+                terms.append(coefs[name] * values[name] / len(layers))
+                logs[name] = logs.get(name, 0.0) + values[name].item() / len(layers)
+    return router_terms, param_terms, logs
+
+
+def apply_regularizers(
+    model: nn.Module,
+    coefs: Mapping[str, float],
+    mode: str = "loss",
+    mask: torch.Tensor | None = None,
+    grad_accum: int = 1,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The regularisers of every ``MoELoRALinear`` in ``model``, as a loss or as injected gradients.
+
+    ``mode="loss"``: returns the sum of all terms (router terms first), to add to the task loss.
+    ``mode="inject"``: adds ``∂(Σ router terms / grad_accum)`` to ``.grad`` of each layer's routing
+    parameter (``gate_weight``: the router weight, or the global gate) only — keeping the graph for the
+    task loss's backward — and ``∂(Σ parameter terms / grad_accum)`` to ``.grad`` of A and B only; returns
+    None.  Call it after the forward and before the task loss's backward.
+
+    Args:
+        model: a model (or any module) holding ``MoELoRALinear`` layers.
+        coefs: ``{name: coefficient}``, see ``regularizer_terms``.
+        mode: one of ``REGULARIZER_MODES`` (``"loss"`` or ``"inject"``).
+        mask: optional token mask, see ``regularizer_terms``.
+        grad_accum: micro-batches per optimizer step (inject mode divides by it, as the trainer divides
+            the task loss).
+
+    Returns:
+        ``(loss, logs)``: the regulariser loss (None in inject mode or when no regulariser is active) and
+        the per-regulariser logs of ``regularizer_terms``.
+
+    Raises:
+        ValueError: an unknown mode, see also ``regularizer_terms``.
+    """
+    if mode not in REGULARIZER_MODES:
+        raise ValueError(f"mode must be one of {REGULARIZER_MODES}, got {mode!r}")
+    layers = [layer for _, layer in iter_moe_lora_layers(model)]
+    router_terms, param_terms, logs = regularizer_terms(layers, coefs, mask)
+    if not (router_terms or param_terms):
+        return None, logs
+    if mode == "loss":
+        return sum(router_terms + param_terms), logs
+    if router_terms:
+        gates = [layer.gate_weight for layer in layers]
+        inject_gradients(sum(router_terms) / grad_accum, gates, retain_graph=True)
+    if param_terms:
+        factors = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        inject_gradients(sum(param_terms) / grad_accum, factors)
+    return None, logs

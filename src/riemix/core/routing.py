@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import torch
 
+from riemix.core.config import DENSE_MODES, ROUTING_MODES, TOPK_MODES
+
 __all__ = [
     "route",
     "gate_grad_coefficients",
     "gate_multiplier",
     "softmax_gate_backward",
     "top_p_select",
-    "PER_TOKEN_MODES",
-    "TOPK_MODES",
 ]
-
-#: Modes whose selection uses ``torch.topk`` of the (noisy) logits.
-TOPK_MODES = ("softmax_topk", "topk_softmax")
-#: Modes in which the gates depend on the token (everything but ``"global"``).
-PER_TOKEN_MODES = (*TOPK_MODES, "dense", "top_p")
-_MODES = (*PER_TOKEN_MODES, "global")
 
 
 def gate_multiplier(mode: str, num_experts: int) -> float:
@@ -82,12 +76,12 @@ def route(
     Raises:
         ValueError: for an unknown mode.
     """
-    if mode not in _MODES:
+    if mode not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {mode!r}")
     work = logits if logits.dtype == torch.float64 else logits.float()  # (N, E)
     z = work / temperature if temperature != 1.0 else work  # (N, E)
     num_experts = work.shape[-1]
-    if mode in ("dense", "global") or (mode in TOPK_MODES and top_k >= num_experts):
+    if mode in DENSE_MODES or (mode in TOPK_MODES and top_k >= num_experts):
         gates = torch.softmax(z, dim=-1) * gate_multiplier(mode, num_experts)  # (N, E)
         return gates, torch.ones_like(gates, dtype=torch.bool)
     sel = z if noise is None else (work + noise.to(work.dtype)) / temperature  # (N, E) selection scores

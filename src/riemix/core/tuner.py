@@ -1,16 +1,21 @@
-"""Attach MoE-LoRA experts to the ``nn.Linear`` modules of any PyTorch / Hugging Face model."""
+"""Attach MoE-LoRA experts to the ``nn.Linear`` modules of any PyTorch / Hugging Face model.
+
+``add_moe_lora`` finds the targeted modules (``find_target_modules``), wraps each in a ``MoELoRALinear``
+(with E from ``MoELoRAConfig.experts_for_layer(layer_index(name))``) and freezes everything else.
+``iter_moe_lora_layers`` walks the wrapped layers.  What an adapter saves is ``riemix.core.state``; the
+per-step schedules are ``riemix.core.schedules``.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 from riemix.core.config import MoELoRAConfig
-from riemix.core.layer import MoELoRALinear
+from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
+from riemix.core.schedules import scale_warmup_factor
 
 __all__ = [
     "add_moe_lora",
@@ -18,29 +23,9 @@ __all__ = [
     "iter_moe_lora_layers",
     "layer_index",
     "linear_names",
-    "adapter_state_dict",
-    "adapter_tensor_shapes",
-    "ADAPTER_PARAM_SUFFIXES",
-    "scale_warmup_factor",
-    "router_temperature_at",
-    "set_scale_progress",
-    "set_router_temperature",
-    "set_training_progress",
-    "scale_anchor_loss",
 ]
 
 _log = logging.getLogger("riemix")
-
-#: Names (relative to a ``MoELoRALinear``) of the tensors that can make up an adapter.
-ADAPTER_PARAM_SUFFIXES = (
-    "lora_A",
-    "lora_B",
-    "router.weight",
-    "global_gate",
-    "expert_scale",
-    "pissa_down",
-    "pissa_up",
-)
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _ANY_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -157,138 +142,3 @@ def add_moe_lora(
         )
     model.moe_lora_config = config
     return model
-
-
-def iter_moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:
-    """Yield ``(name, layer)`` for every ``MoELoRALinear`` in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, MoELoRALinear):
-            yield name, module
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, keyed ``<module>.<suffix>`` (see ``ADAPTER_PARAM_SUFFIXES``).
-
-    Always ``lora_A`` and ``lora_B``; ``router.weight`` (per-token routing) or ``global_gate``
-    (``routing="global"``); ``expert_scale`` with ``expert_scales``; ``pissa_down``/``pissa_up`` (the part of
-    the base weight that ``init="pissa"`` moved into the experts) for PiSSA layers.
-    """
-    state = {}
-    for name, layer in iter_moe_lora_layers(model):
-        state[f"{name}.lora_A"] = layer.lora_A.detach()
-        state[f"{name}.lora_B"] = layer.lora_B.detach()
-        if layer.router is not None:
-            state[f"{name}.router.weight"] = layer.router.weight.detach()
-        else:
-            state[f"{name}.global_gate"] = layer.global_gate.detach()
-        if layer.expert_scale is not None:
-            state[f"{name}.expert_scale"] = layer.expert_scale.detach()
-        if layer.pissa_down is not None:
-            state[f"{name}.pissa_down"] = layer.pissa_down
-            state[f"{name}.pissa_up"] = layer.pissa_up
-    return state
-
-
-def adapter_tensor_shapes(
-    config: MoELoRAConfig, name: str, num_experts: int, rank: int, in_features: int, out_features: int
-) -> dict[str, tuple[int, ...]]:
-    """Expected ``adapter_state_dict`` keys and shapes of one module under ``config``."""
-    e, r = num_experts, rank
-    shapes: dict[str, tuple[int, ...]] = {
-        f"{name}.lora_A": (e, r, in_features),
-        f"{name}.lora_B": (e, out_features, r),
-    }
-    if config.routing == "global":
-        shapes[f"{name}.global_gate"] = (e,)
-    else:
-        shapes[f"{name}.router.weight"] = (e, in_features)
-    if config.expert_scales:
-        shapes[f"{name}.expert_scale"] = (e, out_features)
-    if config.init == "pissa":
-        shapes[f"{name}.pissa_down"] = (e * r, in_features)
-        shapes[f"{name}.pissa_up"] = (out_features, e * r)
-    return shapes
-
-
-# ---------------------------------------------------------------- schedules and the scale anchor
-def scale_warmup_factor(step: int, warmup_steps: int) -> float:
-    """Adapter-scale multiplier after ``step`` optimizer steps: ``min(1, step / warmup_steps)`` (1 if 0)."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, max(0, step) / warmup_steps)
-
-
-def router_temperature_at(step: int, total_steps: int, start: float, final: float | None) -> float:
-    """Router temperature after ``step`` of ``total_steps`` steps: linear from ``start`` to ``final``.
-
-    ``final=None`` (or ``total_steps <= 0``) keeps ``start``; from ``total_steps`` on it is ``final``.
-    """
-    if final is None:
-        return float(start)
-    if total_steps <= 0:
-        return float(final)
-    frac = min(1.0, max(0, step) / total_steps)
-    return float(start + (final - start) * frac)
-
-
-def set_scale_progress(model: nn.Module, step: int) -> float:
-    """Set every layer's ``scale_factor`` for optimizer step ``step`` (a pure function of the step).
-
-    Returns:
-        The factor set (1.0 without ``scale_warmup_steps``).
-    """
-    config = getattr(model, "moe_lora_config", None)
-    factor = scale_warmup_factor(step, config.scale_warmup_steps if config is not None else 0)
-    for _, layer in iter_moe_lora_layers(model):
-        layer.scale_factor = factor
-    return factor
-
-
-def set_router_temperature(model: nn.Module, step: int, total_steps: int) -> float:
-    """Set every layer's ``router_temperature`` for step ``step`` of ``total_steps`` (linear decay).
-
-    Returns:
-        The temperature set.
-    """
-    config = getattr(model, "moe_lora_config", None)
-    if config is None:
-        return 1.0
-    temp = router_temperature_at(
-        step, total_steps, config.router_temperature, config.router_temperature_final
-    )
-    for _, layer in iter_moe_lora_layers(model):
-        layer.router_temperature = temp
-    return temp
-
-
-def set_training_progress(model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
-    """Both schedules at once (the trainer calls this before every optimizer step).
-
-    Returns:
-        ``{"adapter_scale_factor": f, "router_temperature": T}``.
-    """
-    return {
-        "adapter_scale_factor": set_scale_progress(model, step),
-        "router_temperature": set_router_temperature(model, step, total_steps),
-    }
-
-
-def scale_anchor_loss(model: nn.Module) -> torch.Tensor | None:
-    """β·Σ over layers of ‖σ − 1‖² (sum over experts and channels) for the expert scale vectors σ.
-
-    β is ``model.moe_lora_config.scale_anchor_beta``; the initial value of every scale is 1.
-
-    Returns:
-        A scalar tensor, or None when β = 0 or the model has no expert scales.
-    """
-    config = getattr(model, "moe_lora_config", None)
-    if config is None or not config.scale_anchor_beta:
-        return None
-    terms = [
-        (layer.expert_scale - 1.0).pow(2).sum()
-        for _, layer in iter_moe_lora_layers(model)
-        if layer.expert_scale is not None
-    ]
-    if not terms:
-        return None
-    return config.scale_anchor_beta * torch.stack(terms).sum()

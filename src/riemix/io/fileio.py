@@ -1,19 +1,50 @@
-"""Atomic file writes: write to a temporary name in the same directory, fsync, then rename.
+"""Atomic writes of files and whole directories; the only atomic-write code in riemix.
 
-A crash at any point leaves either the old file or the new one, never a half-written file.
+Files: write to a temporary name in the same directory, fsync, then rename. A crash at any point
+leaves either the old file or the new one, never a half-written file.
+
+Directories: build the complete directory in a hidden sibling (:func:`sibling_temp_path`), then
+:func:`publish_dir` flushes it to disk and renames it into place. A directory already in the way is
+either kept (when the caller says it is as good as ours: another process published it first) or
+renamed aside and deleted, so at every instant the final path is absent, the complete old
+directory or the complete new one. Temporary names carry the host and process id, so
+:func:`clean_stale_temp_dirs` can tell leftovers of crashed writers from directories of writers
+still running (on this host or another one sharing the folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "replace_dir"]
+__all__ = [
+    "STALE_AGE_S",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "clean_stale_temp_dirs",
+    "discard_dir",
+    "fsync_tree",
+    "publish_dir",
+    "sibling_temp_path",
+]
+
+logger = logging.getLogger(__name__)
+
+STALE_AGE_S = 24 * 3600
+"""Age after which a temporary directory of another host is assumed abandoned (one day)."""
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
@@ -57,19 +88,126 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Path:
-    """Move a fully written ``tmp_dir`` into place at ``final_dir``, replacing any old one.
+# --------------------------------------------------------------------------- directories
 
-    The old directory is first renamed aside, so at every instant ``final_dir`` is either the complete
-    old directory or the complete new one (or absent for a moment between two renames).
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9\-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sibling_temp_path(final: str | os.PathLike, kind: str = "tmp") -> Path:
+    """Return a fresh hidden name beside ``final`` for a directory being built or thrown away.
+
+    Args:
+        final: The directory the temporary one stands in for.
+        kind: ``"tmp"`` for a build in progress, ``"old"`` for a directory being deleted.
+
+    Returns:
+        ``<parent>/.<name>.<kind>.<host>.<pid>.<random>``. Nothing is created.
     """
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
-    return final_dir
+    final = Path(final)
+    return final.parent / f".{final.name}.{kind}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def clean_stale_temp_dirs(final: str | os.PathLike, max_age_s: float = STALE_AGE_S) -> None:
+    """Remove the temporary directories of ``final`` left behind by crashed writers.
+
+    A directory is stale when its writer ran on this host and is dead, or when it is older than
+    ``max_age_s``. Directories of writers still running (here or on another host sharing the
+    folder) are kept.
+
+    Args:
+        final: The directory whose :func:`sibling_temp_path` siblings are inspected.
+        max_age_s: Age in seconds after which any temporary directory counts as abandoned.
+    """
+    final = Path(final)
+    host = _host_tag()
+    for prefix in (f".{final.name}.tmp.", f".{final.name}.old."):
+        for entry in final.parent.glob(f"{prefix}*"):
+            parts = entry.name[len(prefix) :].rsplit(".", 2)
+            stale = False
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+                stale = not _pid_alive(int(parts[1]))
+            if not stale:
+                with contextlib.suppress(OSError):
+                    stale = time.time() - entry.stat().st_mtime > max_age_s
+            if stale:
+                logger.info("removing leftover temporary directory %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """Flush the files of a freshly written directory so a rename publishes complete data."""
+    directory = Path(directory)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with contextlib.suppress(OSError), open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete a directory: rename it aside first (so it vanishes at once), then remove it.
+
+    A missing ``path`` is not an error.
+    """
+    trash = sibling_temp_path(path, "old")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish_dir(
+    tmp: str | os.PathLike,
+    final: str | os.PathLike,
+    keep_existing: Callable[[Path], bool] | None = None,
+    attempts: int = 3,
+) -> bool:
+    """Flush a complete directory ``tmp`` to disk and atomically rename it to ``final``.
+
+    A directory already at ``final`` is kept when ``keep_existing(final)`` is true (e.g. another
+    process published a valid copy first; ``tmp`` is then left for the caller to delete).
+    Otherwise it is renamed aside and deleted, and the rename is retried.
+
+    Args:
+        tmp: The fully written directory, normally a :func:`sibling_temp_path` of ``final``.
+        final: Where it is published.
+        keep_existing: Decides whether a directory found at ``final`` wins over ours; ``None``
+            always replaces it.
+        attempts: How many times the rename is tried while something keeps re-creating ``final``.
+
+    Returns:
+        ``True`` if ``tmp`` was published, ``False`` if an existing directory was kept.
+
+    Raises:
+        FileExistsError: If ``final`` still stood in the way after ``attempts`` tries.
+        OSError: If the rename fails for another reason.
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, final)
+            return True
+        except OSError:
+            if not final.exists():
+                raise
+        if keep_existing is not None and keep_existing(final):
+            return False
+        discard_dir(final)
+    raise FileExistsError(f"could not publish {tmp} at {final}: the path kept being re-created")

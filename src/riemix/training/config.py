@@ -3,35 +3,111 @@
 Options come from a YAML file and/or CLI flags (flags override); the resolved config is saved in the
 run directory as ``config.yaml``.  The defaults are the default job: SmolLM2-135M-Instruct learning
 SST-2 with label words, MoE-LoRA and gate-rescaled Riemannian AdamW on a 2-core CPU in minutes.
+
+The adapter is a typed ``MoELoRAConfig`` (its defaults are the default job's adapter).  In YAML and in
+``to_dict()`` it is a nested mapping; a partial mapping is merged over the ``MoELoRAConfig`` defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riemix.core.config import MoELoRAConfig
+from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig
+from riemix.core.regularizers import REGULARIZERS
+from riemix.optim import OPTIMIZER_NAMES
+from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
 
-__all__ = ["TrainConfig", "DEFAULT_ADAPTER"]
+__all__ = ["SCHEDULES", "TrainConfig"]
 
-DEFAULT_ADAPTER: dict[str, Any] = {
-    "num_experts": 8,
-    "top_k": 2,
-    "rank": 4,
-    "alpha": 16.0,
-    "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "routing": "softmax_topk",
-    "gate_grad_power": 0.5,
-}
+#: Learning-rate schedules accepted by ``TrainConfig.schedule`` (``riemix.core.schedules.linear_schedule``;
+#: both start with the linear warm-up).
+SCHEDULES: tuple[str, ...] = ("linear", "constant")
+
+# Fields validated as ints >= 1 / ints >= 0 / numbers >= 0.
+_POSITIVE_INTS = ("batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every")
+_NON_NEGATIVE_INTS = (
+    "max_steps",
+    "warmup_steps",
+    "eval_every",
+    "save_every",
+    "early_stopping_patience",
+    "seed",
+    "diagnostics_every",
+)
+_NON_NEGATIVE_NUMBERS = ("lr", "reg", "weight_decay", *(f"{name}_coef" for name in REGULARIZERS))
 
 
 @dataclass
 class TrainConfig:
-    """A training run. Every field is a CLI flag (``--lr 1e-4``) and a YAML key (``lr: 1e-4``)."""
+    """A training run. Every field is a CLI flag (``--lr 1e-4``) and a YAML key (``lr: 1e-4``).
 
+    Attributes:
+        model: Base model: a built-in name (e.g. ``smollm2-135m``), a local Hugging Face directory or a hub id.
+        model_kind: ``causal_lm`` (label words / multiple choice / SFT as text) or ``sequence_classification``
+            (an encoder with a classification head).
+        dataset: Training dataset(s): a built-in name (e.g. ``glue/sst2``) or a .jsonl/.tsv file; a list trains
+            on their union.
+        eval_dataset: Evaluation dataset(s), one per training dataset; null evaluates the training datasets.
+        data_dir: Directory laid out like the built-in data, searched for dataset names; null: packaged data.
+        train_split: Split of ``dataset`` to train on (e.g. ``train``).
+        eval_split: Split of ``eval_dataset`` to evaluate on (e.g. ``dev``, ``test``).
+        train_subset: Train on a fixed random subset of this many examples (int >= 1); null: all.
+        eval_subset: Evaluate a fixed random subset of this many examples (int >= 1); null: all.
+        format: Multiple-choice formulation for causal LMs: ``cloze`` (score each choice's text) or ``letter``
+            (score the answer letter).
+        template: Prompt template for label-word classification (``{text}``, ``{text_pair}``); null: the
+            dataset's default.
+        label_words: One word per class for label-word classification; empty: the dataset's default.
+        max_length: Token budget per sequence (int >= 8); prompts are truncated from the left.
+        packing: Pack several SFT sequences into one row of ``max_length`` tokens.
+        adapter: The MoE-LoRA adapter (``MoELoRAConfig``); in YAML a mapping of its fields, merged over its
+            defaults.
+        optimizer: ``radamw`` or ``rsgd`` (Riemannian preconditioned) or ``adamw`` or ``sgd`` (plain).
+        lr: Learning rate of the expert factors A and B (>= 0).
+        gate_lr: Learning rate of the routers (>= 0); null: ``lr``.
+        reg: Ridge term delta of the Riemannian preconditioner (>= 0).
+        weight_decay: Weight decay of every parameter group (>= 0).
+        loraplus_ratio: LoRA+ multiplier of the B learning rate (> 0; 1: plain).
+        gate_max_grad_norm: Gradient-norm clip of the routers (> 0); null: no clipping.
+        batch_size: Examples per micro-batch (int >= 1).
+        grad_accum: Micro-batches accumulated per optimizer step (int >= 1).
+        max_steps: Number of optimizer steps (int >= 0).
+        warmup_steps: Steps of linear learning-rate warm-up from 0 (int >= 0).
+        schedule: Learning rate after the warm-up: ``linear`` (decay to 0 at ``max_steps``) or ``constant``.
+        eval_every: Evaluate every this many steps (int >= 0; 0: only before and after training).
+        eval_batch_size: Examples per evaluation batch (int >= 1).
+        eval_before: Evaluate zero-shot before training (the "before" column of the summary).
+        early_stopping_metric: Evaluation metric watched for early stopping (e.g. ``accuracy``; ``loss`` is
+            minimised).
+        early_stopping_patience: Stop after this many evaluations without improvement (int >= 0; 0: never).
+        load_balance_coef: Weight of the Switch load-balancing loss (>= 0; 0: off).
+        z_loss_coef: Weight of the router z-loss (>= 0; 0: off).
+        uniform_prior_coef: Weight of the KL(mean routing || uniform) loss (>= 0; 0: off).
+        diversity_coef: Weight of the expert-diversity loss (>= 0; 0: off).
+        orthogonality_coef: Weight of the orthogonality loss of the stacked A rows (>= 0; 0: off).
+        regularizer_mode: ``loss`` (regularisers are added to the task loss) or ``inject`` (their gradients are
+            added to the routers' / factors' ``.grad`` directly).
+        diagnostics_every: Write routing / expert diagnostics every this many steps (int >= 0; 0: never).
+        seed: Random seed of data order, dropout and adapter initialisation (int >= 0).
+        output_dir: Run directory (config.yaml, metrics.jsonl, adapter/, checkpoints/, summary.json).
+        save_every: Save a resumable checkpoint every this many steps (int >= 0; 0: only at the end).
+        keep_last: Checkpoints kept on disk (int >= 1).
+        resume: ``true`` / ``latest``: continue from the latest checkpoint of ``output_dir``; a path: from that
+            checkpoint; ``false``: start afresh.
+        bf16: Train and evaluate under bfloat16 autocast.
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
+        cpu: Train on the CPU even where an accelerator is available.
+        log_every: Append the training loss to metrics.jsonl every this many steps (int >= 1).
+        tensorboard: Also write TensorBoard event files to ``output_dir/tensorboard``.
+        progress: Show a progress bar.
+        verbose: Print evaluations and the before/after table.
+    """
+
+    # model and data
     model: str = "smollm2-135m"
     model_kind: str = "causal_lm"
     dataset: str | list[str] = "glue/sst2"
@@ -41,12 +117,14 @@ class TrainConfig:
     eval_split: str = "dev"
     train_subset: int | None = None
     eval_subset: int | None = None
+    # presentation to the model
     format: str = "cloze"
     template: str | None = None
     label_words: list[str] = field(default_factory=list)
     max_length: int = 256
     packing: bool = False
-    adapter: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ADAPTER))
+    # adapter and optimizer
+    adapter: MoELoRAConfig = field(default_factory=MoELoRAConfig)
     optimizer: str = "radamw"
     lr: float = 1e-3
     gate_lr: float | None = None
@@ -54,16 +132,19 @@ class TrainConfig:
     weight_decay: float = 0.0
     loraplus_ratio: float = 1.0
     gate_max_grad_norm: float | None = 1.0
+    # steps and schedule
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 120
     warmup_steps: int = 0
     schedule: str = "linear"
+    # evaluation and early stopping
     eval_every: int = 0
     eval_batch_size: int = 32
     eval_before: bool = True
     early_stopping_metric: str = "accuracy"
     early_stopping_patience: int = 0
+    # regularisers and diagnostics
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
     uniform_prior_coef: float = 0.0
@@ -71,6 +152,7 @@ class TrainConfig:
     orthogonality_coef: float = 0.0
     regularizer_mode: str = "loss"
     diagnostics_every: int = 0
+    # run directory, checkpoints and runtime
     seed: int = 0
     output_dir: str = "runs/default"
     save_every: int = 0
@@ -88,42 +170,25 @@ class TrainConfig:
         def bad(name: str, value: Any, want: str) -> None:
             raise ValueError(f"{name} must be {want}, got {value!r}")
 
-        if self.model_kind not in ("causal_lm", "sequence_classification"):
-            bad("model_kind", self.model_kind, "'causal_lm' or 'sequence_classification'")
-        if self.format not in ("cloze", "letter"):
-            bad("format", self.format, "'cloze' or 'letter'")
-        if self.regularizer_mode not in ("loss", "inject"):
-            bad("regularizer_mode", self.regularizer_mode, "'loss' or 'inject'")
-        if self.schedule not in ("linear", "constant"):
-            bad("schedule", self.schedule, "'linear' or 'constant'")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every"):
+        for name, allowed in (
+            ("model_kind", MODEL_KINDS),
+            ("format", FORMATS),
+            ("regularizer_mode", REGULARIZER_MODES),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), one_of(allowed))
+        for name in _POSITIVE_INTS:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, getattr(self, name), "an int >= 1")
-        for name in (
-            "max_steps",
-            "warmup_steps",
-            "eval_every",
-            "save_every",
-            "early_stopping_patience",
-            "seed",
-            "diagnostics_every",
-        ):
+        for name in _NON_NEGATIVE_INTS:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, getattr(self, name), "an int >= 0")
         for name in ("train_subset", "eval_subset"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, value, "an int >= 1 or null")
-        for name in (
-            "lr",
-            "reg",
-            "weight_decay",
-            "load_balance_coef",
-            "z_loss_coef",
-            "uniform_prior_coef",
-            "diversity_coef",
-            "orthogonality_coef",
-        ):
+        for name in _NON_NEGATIVE_NUMBERS:
             if not getattr(self, name) >= 0:
                 bad(name, getattr(self, name), ">= 0")
         if self.gate_lr is not None and not self.gate_lr >= 0:
@@ -132,35 +197,31 @@ class TrainConfig:
             bad("loraplus_ratio", self.loraplus_ratio, "> 0")
         if self.gate_max_grad_norm is not None and not self.gate_max_grad_norm > 0:
             bad("gate_max_grad_norm", self.gate_max_grad_norm, "> 0 or null")
-        if self.max_length < 8:
-            bad("max_length", self.max_length, ">= 8")
-        if self.optimizer.lower() not in ("sgd", "adamw", "rsgd", "radamw"):
-            bad("optimizer", self.optimizer, "one of sgd, adamw, rsgd, radamw")
-        if not isinstance(self.adapter, dict):
-            bad("adapter", self.adapter, "a mapping of MoELoRAConfig fields")
-        try:
-            MoELoRAConfig(**self.adapter)
-        except TypeError as exc:
-            raise ValueError(f"adapter: {exc}") from exc
-        except ValueError as exc:
-            raise ValueError(f"adapter.{exc}") from exc
+        if self.max_length < MIN_MAX_LENGTH:
+            bad("max_length", self.max_length, f">= {MIN_MAX_LENGTH}")
+        if self.optimizer.lower() not in OPTIMIZER_NAMES:
+            bad("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZER_NAMES)}")
+        self.adapter = _adapter_config(self.adapter)
+
+    def regularizer_coefs(self) -> dict[str, float]:
+        """``{regulariser name: coefficient}`` (the ``<name>_coef`` fields), as ``riemix.core.regularizers``
+        takes them."""
+        return {name: getattr(self, f"{name}_coef") for name in REGULARIZERS}
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The option names, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping; unknown keys raise ``ValueError`` naming them and ``source``.
 
-        Keys of ``adapter`` not given keep the default adapter values.
+        Keys of ``adapter`` not given keep the ``MoELoRAConfig`` defaults.
         """
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {unknown}; valid: {cls.field_names()}")
-        data = dict(data)
-        if isinstance(data.get("adapter"), dict):
-            data["adapter"] = {**DEFAULT_ADAPTER, **data["adapter"]}
         return cls(**data)
 
     @classmethod
@@ -187,9 +248,27 @@ class TrainConfig:
         return cls.from_dict(merged, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain, YAML/JSON-serialisable dict; ``adapter`` is the nested ``MoELoRAConfig.to_dict()``."""
+        data = dataclasses.asdict(self)
+        data["adapter"] = self.adapter.to_dict()
+        return data
 
     def to_yaml(self) -> str:
+        """``to_dict()`` as YAML, keys in declaration order (the run directory's ``config.yaml``)."""
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _adapter_config(adapter: Any) -> MoELoRAConfig:
+    """``adapter`` as a ``MoELoRAConfig``: a mapping is merged over the defaults; errors name ``adapter``."""
+    if isinstance(adapter, MoELoRAConfig):
+        return adapter
+    if not isinstance(adapter, Mapping):
+        raise ValueError(f"adapter must be a MoELoRAConfig or a mapping of its fields, got {adapter!r}")
+    try:
+        return MoELoRAConfig(**adapter)
+    except TypeError as exc:
+        raise ValueError(f"adapter: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"adapter.{exc}") from exc

@@ -1,0 +1,34 @@
+"""``riemix eval``: evaluate a model, optionally with an adapter, on a dataset (``riemix.evaluate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from riemix.cli.flags import add_options, function_options, given_values
+from riemix.evaluate import evaluate_model
+from riemix.io.fileio import atomic_write_json
+
+__all__ = ["DESCRIPTION", "HELP", "NAME", "OPTIONS", "add_arguments", "run"]
+
+NAME = "eval"
+HELP = "evaluate a model (optionally with an adapter) on a dataset"
+DESCRIPTION = "Evaluate a model, optionally with an adapter, on a dataset; print the metrics as JSON."
+
+#: The options: the parameters of ``evaluate_model``.
+OPTIONS = function_options(evaluate_model)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``eval`` to its parser."""
+    add_options(parser, OPTIONS)
+    parser.add_argument("--output", help="write the metrics as JSON to this file")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Print the metrics (and write them to ``--output``); returns 0."""
+    result = evaluate_model(**given_values(ns, OPTIONS))
+    print(json.dumps(result, indent=2))
+    if ns.output:
+        atomic_write_json(ns.output, result)
+    return 0

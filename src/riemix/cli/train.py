@@ -1,0 +1,56 @@
+"""``riemix train``: train MoE-LoRA adapters (``riemix.training.recipe.train``).
+
+Every ``TrainConfig`` field is a flag, and so is every ``MoELoRAConfig`` field of its ``adapter``
+(``--rank 8``, ``--experts 4``). Flags override the YAML file of ``--config``; the options not given keep
+the file's value, else the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from riemix.cli.flags import ADAPTER_OPTIONS, add_adapter_options, add_options, dataclass_options, given_values
+from riemix.training.config import TrainConfig
+from riemix.training.recipe import train
+
+__all__ = ["DESCRIPTION", "GROUPS", "HELP", "NAME", "OPTIONS", "add_arguments", "run"]
+
+NAME = "train"
+HELP = "train MoE-LoRA adapters (no arguments: the default job)"
+DESCRIPTION = "Train MoE-LoRA adapters. Options come from --config (YAML) and flags; flags override the file."
+
+#: The run options: every ``TrainConfig`` field but ``adapter``.
+OPTIONS = dataclass_options(TrainConfig, skip=("adapter",))
+#: Argument groups of ``--help``: the first field of each group (fields keep their declaration order).
+GROUPS = {
+    "model": "model and data",
+    "optimizer": "optimizer",
+    "batch_size": "batches, schedule and evaluation",
+    "load_balance_coef": "regularisers and diagnostics",
+    "seed": "run directory, checkpoints and logging",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``train`` to its parser."""
+    parser.add_argument("--config", help="YAML file of options (keys = flag names with underscores)")
+    group = None
+    for opt in OPTIONS:
+        if group is None or opt.name in GROUPS:
+            group = parser.add_argument_group(GROUPS.get(opt.name, "options"))
+        add_options(group, [opt])
+    add_adapter_options(parser)
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Build the ``TrainConfig`` (``--config`` file, then the flags given) and train; returns 0."""
+    opts = given_values(ns, OPTIONS)
+    adapter = given_values(ns, ADAPTER_OPTIONS)
+    if adapter:
+        opts["adapter"] = adapter
+    if ns.config:
+        cfg = TrainConfig.from_yaml(ns.config, opts)
+    else:
+        cfg = TrainConfig.from_dict(opts, source="command line")
+    train(cfg)
+    return 0

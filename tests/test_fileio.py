@@ -1,0 +1,81 @@
+"""riemix.io.fileio: publishing whole directories atomically (files: see test_adapter's atomic-save test)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from riemix.io import fileio
+
+
+def _build(final: Path, text: str) -> Path:
+    tmp = fileio.sibling_temp_path(final)
+    tmp.mkdir()
+    (tmp / "data.txt").write_text(text)
+    return tmp
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_sibling_temp_path_is_hidden_and_unique(tmp_path):
+    final = tmp_path / "out"
+    a, b = fileio.sibling_temp_path(final), fileio.sibling_temp_path(final, "old")
+    assert a.parent == b.parent == tmp_path
+    assert a.name.startswith(".out.tmp.") and b.name.startswith(".out.old.")
+    assert f".{os.getpid()}." in a.name
+    assert a != fileio.sibling_temp_path(final)
+    assert not a.exists() and not b.exists()
+
+
+def test_publish_dir_creates_then_replaces(tmp_path):
+    final = tmp_path / "out"
+    assert fileio.publish_dir(_build(final, "one"), final) is True
+    assert (final / "data.txt").read_text() == "one"
+    assert fileio.publish_dir(_build(final, "two"), final) is True
+    assert (final / "data.txt").read_text() == "two"
+    assert _hidden(tmp_path) == []
+
+
+def test_publish_dir_keeps_an_existing_directory_the_caller_accepts(tmp_path):
+    final = tmp_path / "out"
+    fileio.publish_dir(_build(final, "theirs"), final)
+    ours = _build(final, "ours")
+    seen = []
+
+    def keep(found: Path) -> bool:
+        seen.append(found)
+        return True
+
+    assert fileio.publish_dir(ours, final, keep_existing=keep) is False
+    assert seen == [final]
+    assert (final / "data.txt").read_text() == "theirs"
+    assert (ours / "data.txt").read_text() == "ours"  # left for the caller to delete
+
+
+def test_publish_dir_gives_up_when_the_path_keeps_reappearing(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    tmp = _build(final, "ours")
+    discarded = []
+
+    def recreate(path):
+        discarded.append(path)  # another writer puts a directory back every time
+
+    monkeypatch.setattr(fileio, "discard_dir", recreate)
+    final.mkdir()
+    (final / "other.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="could not publish"):
+        fileio.publish_dir(tmp, final, attempts=2)
+    assert discarded == [final, final]
+
+
+def test_discard_dir_removes_a_tree_and_ignores_a_missing_one(tmp_path):
+    target = tmp_path / "gone"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "f").write_text("x")
+    fileio.discard_dir(target)
+    fileio.discard_dir(target)
+    assert list(tmp_path.iterdir()) == []
