@@ -1,6 +1,6 @@
 """Routing collapse and its cure, side by side, on a real model and dataset.
 
-SmolLM2-135M-Instruct (``riemix.models.load_model("smollm2-135m")``, cached) learns SST-2 with label
+SmolLM2-135M-Instruct (``riemix.hub.load_model("smollm2-135m")``, cached) learns SST-2 with label
 words. The same short run (same seed, data order and initialisation) is repeated without any balancing
 regulariser, with Switch load balancing and with the uniform prior; the router gets a large learning
 rate and top-1 routing, which makes collapse show up within few steps. For each variant the last
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib.harness import write_record
+from lib.harness import script_parser, write_record
 
 VARIANTS = {
     "none": {},
@@ -85,17 +85,13 @@ def run_variant(name: str, extra: dict, args: argparse.Namespace, root: Path) ->
         "dead_experts": diag["overall"]["dead_experts"],
         "experts": diag["overall"]["experts"],
         "layers_with_dead": sum(1 for v in layers if v["num_dead"]),
-        "usage_entropy_by_window": [
-            [w["step"], w["diagnostics"]["overall"]["usage_entropy"]] for w in windows
-        ],
+        "usage_entropy_by_window": [[w["step"], w["diagnostics"]["overall"]["usage_entropy"]] for w in windows],
         "seconds": seconds,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 32 dev sentences")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", default="glue/sst2")

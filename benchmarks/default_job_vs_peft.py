@@ -15,13 +15,12 @@ Prints a table and writes ``benchmarks/results/default_job_vs_peft.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 
 import torch
-from lib.harness import RESULTS, record_header, write_record
+from lib.harness import RESULTS, record_header, script_parser, write_record
 from lib.runner import batch_source, train_loop
 
 from riemix.training import TrainConfig, encode_items, seed_everything, train
@@ -75,7 +74,7 @@ def run_peft(steps: int, lr: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--peft-lr", type=float, default=2e-4)
     parser.add_argument("--only", choices=["riemix", "peft"])

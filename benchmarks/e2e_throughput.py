@@ -24,11 +24,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from lib.harness import RESULTS, record_header, write_json, write_record
+from lib.harness import RESULTS, interleaved_times, record_header, script_parser, write_json, write_record
 
 CANDIDATES = ("frozen_base", "peft_lora_r16", "riemix_20_10_4", "riemix_8_2_4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -49,9 +48,7 @@ def build(name: str):
     elif name == "peft_lora_r16":
         from peft import LoraConfig, get_peft_model
 
-        peft_model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
-        )
+        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
         model = peft_model.base_model.model  # the same modules, now with LoRA layers
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     else:
@@ -114,15 +111,15 @@ def measure_memory(batch_size: int) -> dict:
 
 
 def try_mixlora() -> str:
-    return ("not benchmarked: the PyPI package `mixlora` (0.2.3) is MixLoRA's adapter loader for inference "
-            "(experts injected into the MLP from saved weights, kept outside the module tree); its training code "
-            "lives in the separate MoE-PEFT framework, which is not on PyPI")
+    return (
+        "not benchmarked: the PyPI package `mixlora` (0.2.3) is MixLoRA's adapter loader for inference "
+        "(experts injected into the MLP from saved weights, kept outside the module tree); its training code "
+        "lives in the separate MoE-PEFT framework, which is not on PyPI"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true")
@@ -147,15 +144,10 @@ def main() -> None:
     tok = built["frozen_base"][2]
     data = batches(tok, args.steps + 1, args.batch_size)
     tokens = [int(b["attention_mask"].sum()) for b in data]
-    for name in CANDIDATES:  # warm-up on batch 0
-        step(built[name][0], built[name][1], data[0])
-    times: dict[str, list[float]] = {n: [] for n in CANDIDATES}
-    for i in range(1, len(data)):
-        order = CANDIDATES[i % len(CANDIDATES) :] + CANDIDATES[: i % len(CANDIDATES)]
-        for name in order:
-            t0 = time.perf_counter()
-            step(built[name][0], built[name][1], data[i])
-            times[name].append(time.perf_counter() - t0)
+    # warm-up on batch 0, then one step of each candidate per batch 1.. in rotating order
+    times = interleaved_times(
+        CANDIDATES, lambda name, i: step(built[name][0], built[name][1], data[i]), range(1, len(data)), warmup=1
+    )
     timed_tokens = sum(tokens[1:])
     tps = {n: timed_tokens / sum(t) for n, t in times.items()}
     memory = {} if args.no_memory else measure_memory(args.batch_size)

@@ -16,21 +16,13 @@ reported, because this machine is noisy.  Prints a table and writes JSON to ``be
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
-from _common import record_header
+from lib.harness import interleaved_times, script_parser, speed_record, write_record
+from lib.stats import medians
 from torch import nn
 
 from riemix.core.layer import MoELoRALinear
 from riemix.core.routing import gate_grad_coefficients, route
-from riemix.io.fileio import atomic_write_text
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +40,7 @@ def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
 def build(args, dtype):
     torch.manual_seed(0)
     base = nn.Linear(args.width, args.width, bias=False).to(dtype).requires_grad_(False)
-    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(
-        dtype
-    )
+    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(dtype)
     with torch.no_grad():
         moe.lora_B.normal_(std=0.01)
     cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
@@ -61,9 +51,7 @@ def build(args, dtype):
         holder.proj = nn.Linear(args.width, args.width, bias=False).to(dtype)
         holder.proj.weight.data.copy_(base.weight.data)
         holder.forward = lambda x: holder.proj(x)
-        lora_cfg = LoraConfig(
-            r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0
-        )
+        lora_cfg = LoraConfig(r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0)
         peft = get_peft_model(holder, lora_cfg).to(dtype)
         with torch.no_grad():
             for name, param in peft.named_parameters():
@@ -75,35 +63,34 @@ def build(args, dtype):
     return cands
 
 
-def time_step(fn, x, upstream) -> float:
-    t0 = time.perf_counter()
-    y = fn(x)
-    y.backward(upstream)
-    return time.perf_counter() - t0
-
-
 def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
     """Interleaved fwd+bwd timings (seconds) of every candidate at the sizes in ``args``."""
     cands = build(args, dtype)
     x = torch.randn(args.tokens, args.width, dtype=dtype, requires_grad=True)  # (T, in)
     upstream = torch.randn(args.tokens, args.width, dtype=dtype)  # (T, out)
-    names = list(cands)
-    for name in names:  # warm-up
-        for _ in range(2):
-            time_step(cands[name], x, upstream)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            x.grad = None
-            times[name].append(time_step(cands[name], x, upstream))
-    return times
+
+    def fwd_bwd(name: str, _round: int) -> None:
+        cands[name](x).backward(upstream)
+
+    def clear_grad(_name: str) -> None:
+        x.grad = None
+
+    return interleaved_times(list(cands), fwd_bwd, range(args.repeats), warmup=2, prepare=clear_grad)
+
+
+def ratios_of(med: dict[str, float]) -> dict[str, float]:
+    """riemix/base, loop/riemix and (when PEFT ran) riemix/PEFT LoRA of the median times ``med``."""
+    ratios = {
+        "riemix_over_base": med["riemix"] / med["base"],
+        "loop_over_riemix": med["loop"] / med["riemix"],
+    }
+    if "peft_lora" in med:
+        ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
+    return ratios
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--rank", type=int, default=4)
@@ -117,13 +104,8 @@ def main() -> None:
     if args.quick:
         args.width, args.tokens, args.repeats = 256, 256, 3
     times = measure(args, getattr(torch, args.dtype))
-    med = {n: statistics.median(t) for n, t in times.items()}
-    ratios = {
-        "riemix_over_base": med["riemix"] / med["base"],
-        "loop_over_riemix": med["loop"] / med["riemix"],
-    }
-    if "peft_lora" in med:
-        ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
+    med = medians(times)
+    ratios = ratios_of(med)
     print(
         f"MoE-LoRA layer fwd+bwd: E={args.experts} top-k={args.top_k} r={args.rank} "
         f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}"
@@ -138,20 +120,13 @@ def main() -> None:
             f"{key:<24} {value:6.2f}  (target {'>=' if key == 'loop_over_riemix' else '<='} {targets[key]}: "
             f"{'met' if better else 'NOT met'})"
         )
-    record = {
-        **record_header("layer_speed"),
-        "args": vars(args),
-        "median_seconds": med,
-        "all_seconds": times,
-        "ratios": ratios,
-    }
-    out = (
-        Path(args.out)
-        if args.out
-        else RESULTS / f"layer_speed{'_quick' if args.quick else ''}_{args.dtype}.json"
+    write_record(
+        speed_record("layer_speed", args, times, med, ratios),
+        "layer_speed",
+        args.quick,
+        args.out,
+        tail=f"_{args.dtype}",
     )
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

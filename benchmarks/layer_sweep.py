@@ -11,19 +11,13 @@ on 2 CPU cores. Prints a table and writes ``benchmarks/results/layer_sweep.json`
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from _common import record_header
-from layer_speed import measure
+from layer_speed import measure, ratios_of
+from lib.harness import record_header, script_parser, write_record
+from lib.stats import medians
 
-from riemix.io.fileio import atomic_write_text
-
-RESULTS = Path(__file__).parent / "results"
 BASE = {"experts": 8, "top_k": 2, "rank": 4, "width": 1024, "tokens": 1024}
 SWEEP = {"experts": [4, 8, 16, 32], "top_k": [1, 2, 4, 8], "rank": [2, 4, 8, 16], "width": [512, 1024, 2048]}
 
@@ -47,7 +41,7 @@ def points(quick: bool) -> list[tuple[str, dict, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -58,15 +52,15 @@ def main() -> None:
     print(header)
     for factor, sizes, dtype in points(args.quick):
         times = measure(SimpleNamespace(**sizes, repeats=3 if args.quick else args.repeats), getattr(torch, dtype))
-        med = {n: statistics.median(t) for n, t in times.items()}
+        med = medians(times)
+        ratios = ratios_of(med)
         row = {
             "varied": factor,
             **sizes,
             "dtype": dtype,
             "median_seconds": med,
-            "riemix_over_base": med["riemix"] / med["base"],
-            "loop_over_riemix": med["loop"] / med["riemix"],
-            "riemix_over_peft_lora": med["riemix"] / med["peft_lora"] if "peft_lora" in med else None,
+            **ratios,
+            "riemix_over_peft_lora": ratios.get("riemix_over_peft_lora"),  # None when PEFT is not installed
         }
         rows.append(row)
         peft = row["riemix_over_peft_lora"]
@@ -76,10 +70,8 @@ def main() -> None:
             f"{'-' if peft is None else f'{peft:.2f}':>11}",
             flush=True,
         )
-    out = RESULTS / f"layer_sweep{'_quick' if args.quick else ''}.json"
     record = {**record_header("layer_sweep"), "base_point": BASE, "repeats": args.repeats, "points": rows}
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(record, "layer_sweep", args.quick)
 
 
 if __name__ == "__main__":

@@ -19,20 +19,12 @@ Candidates (interleaved, median of N steps; gradients are fixed random tensors):
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
-from _common import record_header
+from lib.harness import interleaved_times, script_parser, speed_record, write_record
+from lib.stats import medians
 from torch import nn
 
-from riemix.io.fileio import atomic_write_text
 from riemix.optim import RiemannianAdamW, RiemannianSGD
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_params(layers: int, experts: int, rank: int, width: int, seed: int = 0):
@@ -43,6 +35,11 @@ def make_params(layers: int, experts: int, rank: int, width: int, seed: int = 0)
     for p in a + b + r:
         p.grad = torch.randn(p.shape, generator=g) * 1e-3
     return a, b, r
+
+
+def riemannian_groups(a, b, r) -> tuple[list[dict], list]:
+    """The parameter groups (routers clipped at norm 1) and the (A, B) pairs of a Riemannian optimizer."""
+    return [{"params": a}, {"params": b}, {"params": r, "max_grad_norm": 1.0}], list(zip(a, b, strict=True))
 
 
 def make_peft(layers: int, experts: int, rank: int, width: int):
@@ -74,7 +71,7 @@ def make_peft(layers: int, experts: int, rank: int, width: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--layers", type=int, default=120)
     parser.add_argument("--experts", type=int, default=20)
     parser.add_argument("--rank", type=int, default=4)
@@ -92,22 +89,12 @@ def main() -> None:
     a, b, rt = make_params(L, E, r, d)
     cands["torch_adamw_fused"] = torch.optim.AdamW(a + b + rt, lr=1e-4, weight_decay=0.0, fused=True)
     for name, fused in (("riemix_radamw", None), ("riemix_radamw_foreach", False)):
-        a, b, rt = make_params(L, E, r, d)
-        cands[name] = RiemannianAdamW(
-            [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
-            lr=1e-4,
-            fused=fused,
-            lora_pairs=list(zip(a, b, strict=True)),
-        )
+        groups, pairs = riemannian_groups(*make_params(L, E, r, d))
+        cands[name] = RiemannianAdamW(groups, lr=1e-4, fused=fused, lora_pairs=pairs)
     a, b, rt = make_params(L, E, r, d)
     cands["torch_sgd"] = torch.optim.SGD(a + b + rt, lr=1e-4, momentum=0.9, foreach=True)
-    a, b, rt = make_params(L, E, r, d)
-    cands["riemix_rsgd"] = RiemannianSGD(
-        [{"params": a}, {"params": b}, {"params": rt, "max_grad_norm": 1.0}],
-        lr=1e-4,
-        momentum=0.9,
-        lora_pairs=list(zip(a, b, strict=True)),
-    )
+    groups, pairs = riemannian_groups(*make_params(L, E, r, d))
+    cands["riemix_rsgd"] = RiemannianSGD(groups, lr=1e-4, momentum=0.9, lora_pairs=pairs)
     if not args.no_peft:
         try:
             cands["peft_riemannian_adamw"] = make_peft(L, E, r, d)
@@ -120,18 +107,10 @@ def main() -> None:
         if restore is not None:
             restore()
 
-    for name in names:
-        for _ in range(2):
-            prepare(name)
-            cands[name].step()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            prepare(name)
-            t0 = time.perf_counter()
-            cands[name].step()
-            times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    times = interleaved_times(
+        names, lambda name, _round: cands[name].step(), range(args.repeats), warmup=2, prepare=prepare
+    )
+    med = medians(times)
     ratios = {
         "riemix_radamw_over_torch_adamw": med["riemix_radamw"] / med["torch_adamw"],
         "riemix_radamw_over_torch_adamw_fused": med["riemix_radamw"] / med["torch_adamw_fused"],
@@ -154,16 +133,7 @@ def main() -> None:
         "target: riemix_radamw_over_torch_adamw <= 1.5 "
         f"({'met' if ratios['riemix_radamw_over_torch_adamw'] <= 1.5 else 'NOT met'})"
     )
-    record = {
-        **record_header("optimizer_speed"),
-        "args": vars(args),
-        "median_seconds": med,
-        "all_seconds": times,
-        "ratios": ratios,
-    }
-    out = RESULTS / f"optimizer_speed{'_quick' if args.quick else ''}.json"
-    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(speed_record("optimizer_speed", args, times, med, ratios), "optimizer_speed", args.quick)
 
 
 if __name__ == "__main__":

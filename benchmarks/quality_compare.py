@@ -42,7 +42,6 @@ re-running the same command skips runs already there, so an interrupted comparis
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -52,7 +51,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from lib.harness import RESULTS, record_header, write_json
+from lib.harness import RESULTS, record_header, script_parser, write_json
 from lib.runner import batch_source, train_loop
 from lib.stats import hits_string, majority_baseline, pct, primary_score
 
@@ -316,7 +315,7 @@ def check_protocol(record: dict, arg_rec: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--task", default="commonsense_qa")
     parser.add_argument("--format", default="cloze", choices=FORMATS)
     parser.add_argument("--model", default="smollm2-135m")

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
-from _common import pct
+from lib.harness import RESULTS, script_parser
+from lib.stats import pct
 from quality_compare import CANDIDATES, result_stem, sweep_runs
 
 from riemix.io.fileio import atomic_write, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 
@@ -45,6 +46,15 @@ def _bar(path: Path, labels: list[str], values: list[float], title: str, xlabel:
     plt.close(fig)
 
 
+def _table(header: list[str], rows: Iterable[Iterable[str]], left: int = 1) -> list[str]:
+    """A Markdown table's lines: the first ``left`` columns left-aligned, the others right-aligned (numbers)."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * left + "---:|" * (len(header) - left),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def _machine(rec: dict) -> str:
     m = rec["machine"]
     return f"{rec['date'][:10]}, {m['platform']}, {m['cpu_threads']} threads, torch {m['torch']}"
@@ -59,13 +69,16 @@ def layer_section(rec: dict) -> list[str]:
         f"in=out={a['width']}, {a['tokens']} tokens, {a['dtype']}, median of {a['repeats']} interleaved repeats "
         f"({_machine(rec)}).",
         "",
-        "| candidate | ms | vs frozen base |",
-        "|---|---:|---:|",
+        *_table(
+            ["candidate", "ms", "vs frozen base"],
+            ([n, f"{1e3 * t:.1f}", f"{t / med['base']:.2f}x"] for n, t in med.items()),
+        ),
+        "",
     ]
-    lines += [f"| {n} | {1e3 * t:.1f} | {t / med['base']:.2f}x |" for n, t in med.items()]
-    lines += ["", "| ratio | measured | target |", "|---|---:|---:|"]
     targets = {"riemix_over_base": "<= 1.3", "loop_over_riemix": ">= 8", "riemix_over_peft_lora": "<= 1.1"}
-    lines += [f"| {k} | {v:.2f} | {targets.get(k, '')} |" for k, v in rec["ratios"].items()]
+    lines += _table(
+        ["ratio", "measured", "target"], ([k, f"{v:.2f}", targets.get(k, "")] for k, v in rec["ratios"].items())
+    )
     lines += [
         "",
         f"No adapter can beat the frozen base, so loop/riemix is bounded by loop/base = "
@@ -113,12 +126,10 @@ def optimizer_section(rec: dict) -> list[str]:
         f"`benchmarks/optimizer_speed.py`: {a['layers']} layers x E={a['experts']} experts x rank {a['rank']}, "
         f"width {a['width']}, plus routers (clipped), fp32, median of {a['repeats']} ({_machine(rec)}).",
         "",
-        "| candidate | ms/step |",
-        "|---|---:|",
+        *_table(["candidate", "ms/step"], ([n, f"{1e3 * t:.1f}"] for n, t in med.items())),
+        "",
+        *_table(["ratio", "measured"], ([k, f"{v:.2f}"] for k, v in rec["ratios"].items())),
     ]
-    lines += [f"| {n} | {1e3 * t:.1f} |" for n, t in med.items()]
-    lines += ["", "| ratio | measured |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in rec["ratios"].items()]
     _bar(IMG / "optimizer_speed.png", list(med), [1e3 * t for t in med.values()], "Optimizer step", "ms")
     return lines + [
         "",
@@ -140,12 +151,12 @@ def e2e_section(rec: dict) -> list[str]:
         f"`benchmarks/e2e_throughput.py`: ARC-Easy cloze batches of {rec['args']['batch_size']}, "
         f"{rec['args']['steps']} interleaved timed steps per candidate ({_machine(rec)}).",
         "",
-        "| candidate | tokens/s | vs PEFT LoRA r=16 | peak RSS growth (MiB) |",
-        "|---|---:|---:|---:|",
     ]
+    rows = []
     for n, v in tps.items():
         m = mem.get(n, {}).get("peak_rss_growth_mib")
-        lines.append(f"| {n} | {v:.0f} | {v / tps['peft_lora_r16']:.2f} | {'' if m is None else f'{m:.0f}'} |")
+        rows.append([n, f"{v:.0f}", f"{v / tps['peft_lora_r16']:.2f}", "" if m is None else f"{m:.0f}"])
+    lines += _table(["candidate", "tokens/s", "vs PEFT LoRA r=16", "peak RSS growth (MiB)"], rows)
     lines += [
         "",
         f"MixLoRA: {rec['mixlora']}",
@@ -169,11 +180,11 @@ def default_job_section(rec: dict) -> list[str]:
         f"`benchmarks/default_job_vs_peft.py`: SmolLM2-135M-Instruct, {rec['steps']} steps of batch 16, "
         f"same batches, prompt and evaluation ({_machine(rec)}).",
         "",
-        "| candidate | dev accuracy | train seconds |",
-        "|---|---:|---:|",
+        *_table(
+            ["candidate", "dev accuracy", "train seconds"],
+            ([name, f"{r['accuracy']:.4f}", f"{r['train_seconds']:.0f}"] for name, r in res.items()),
+        ),
     ]
-    for name, r in res.items():
-        lines.append(f"| {name} | {r['accuracy']:.4f} | {r['train_seconds']:.0f} |")
     if "riemix_default_job" in res:
         r = res["riemix_default_job"]
         lines += [
@@ -191,10 +202,12 @@ def tune_section(rec: dict) -> list[str]:
         "`benchmarks/tune_default_job.py`: trained on 90% of the packaged SST-2 train subset, scored on 400 "
         "held-out *train* sentences (never on dev).",
         "",
-        "| lr | held-out accuracy | train seconds |",
-        "|---:|---:|---:|",
+        *_table(
+            ["lr", "held-out accuracy", "train seconds"],
+            ([f"{r['lr']:.0e}", f"{r['heldout_accuracy']:.4f}", f"{r['train_seconds']:.0f}"] for r in rec["runs"]),
+            left=0,
+        ),
     ]
-    lines += [f"| {r['lr']:.0e} | {r['heldout_accuracy']:.4f} | {r['train_seconds']:.0f} |" for r in rec["runs"]]
     return lines + [""]
 
 
@@ -462,6 +475,7 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
 
 
 def main() -> None:
+    script_parser(__doc__).parse_args()  # no options; ``--help`` prints the docstring
     out = [
         "# Benchmarks",
         "",

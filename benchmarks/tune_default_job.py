@@ -9,10 +9,9 @@ Prints a table and writes ``benchmarks/results/tune_default_job.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from lib.harness import RESULTS, write_json
+from lib.harness import RESULTS, script_parser, write_json
 from lib.runner import batch_source, train_loop
 
 from riemix import add_moe_lora, build_optimizer
@@ -38,7 +37,7 @@ def run(lr: float, cfg: TrainConfig, train_ds, held_ds) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()

@@ -11,18 +11,17 @@ subset (``Dataset.subset(n, seed=0)``) of each dev/test split. Prints a table an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
-from lib.harness import record_header, write_record
+from lib.harness import record_header, script_parser, write_record
 
 TASKS = ["commonsense_qa", "openbookqa", "arc_easy", "scienceqa"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--data-dir", default=os.environ.get("RIEMIX_DATA_DIR"))

@@ -1,39 +1,12 @@
-"""Task encoding and scoring: length-grouped evaluation returns predictions in dataset order."""
+"""Task encoding: training items, packing, collation and the answer-token loss."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
-from test_train import GOOD, tiny_tokenizer, write_mcq
-from tiny import make_tiny_bert, make_tiny_llama
 
-from riemix.data import ClassificationExample, Dataset, load_dataset
-from riemix.evaluate import predict
-from riemix.tasks import TaskModel, TaskSpec, collate_lm, encode_train
-
-
-@pytest.mark.parametrize("fmt", ["cloze", "letter"])
-def test_mcq_predictions_do_not_depend_on_batching(tmp_path, fmt):
-    ds = load_dataset(write_mcq(tmp_path / "d.jsonl", 23, 3), "dev")
-    spec = TaskSpec.for_dataset(ds, "causal_lm", format=fmt)
-    tm = TaskModel(make_tiny_llama(), "causal_lm")
-    one = predict(tm, ds, spec, tiny_tokenizer(), batch_size=1)["preds"]
-    many = predict(tm, ds, spec, tiny_tokenizer(), batch_size=9)["preds"]
-    assert np.array_equal(one, many) and len(one) == 23
-
-
-def test_encoder_predictions_do_not_depend_on_batching():
-    rng = np.random.default_rng(0)
-    exs = [
-        ClassificationExample(" ".join(rng.choice(GOOD, size=int(rng.integers(1, 6)))), None, i % 2) for i in range(17)
-    ]
-    ds = Dataset("toy", "classification", exs, label_names=("a", "b"))
-    spec = TaskSpec.for_dataset(ds, "sequence_classification")
-    tm = TaskModel(make_tiny_bert(), "sequence_classification")
-    one = predict(tm, ds, spec, tiny_tokenizer(), batch_size=1)["preds"]
-    many = predict(tm, ds, spec, tiny_tokenizer(), batch_size=5)["preds"]
-    assert np.array_equal(one, many)
+from riemix.data import load_dataset
+from riemix.tasks import LMItem, TaskModel, TaskSpec, collate_lm, encode_train, pack_items
+from tests.helpers import make_tiny_llama, tiny_tokenizer, write_mcq
 
 
 def test_lm_loss_uses_answer_tokens_only(tmp_path):
@@ -48,3 +21,15 @@ def test_lm_loss_uses_answer_tokens_only(tmp_path):
     want = torch.nn.functional.cross_entropy(flat[batch["loss_index"]], batch["loss_target"])
     torch.testing.assert_close(TaskModel(model, "causal_lm")(batch), want)
     assert batch["loss_target"].numel() == sum(len(it.target) for it in items)
+
+
+def test_pack_items_and_collate_loss_positions():
+    items = [LMItem([1, 2, 3], [4]), LMItem([5], [6, 7]), LMItem([8, 9, 10, 11], [12, 13])]
+    rows = pack_items(items, max_length=8)
+    # sizes 4, 3, 6 with room 8, first-fit decreasing: [6] and [4, 3]
+    assert [sum(len(i.prompt) + len(i.target) for i in row) for row in rows] == [6, 7]
+    batch = collate_lm(rows, pad_id=0)
+    flat_ids = batch["input_ids"].reshape(-1)
+    # every loss position predicts the token that follows it
+    assert torch.equal(flat_ids[batch["loss_index"] + 1], batch["loss_target"])
+    assert sorted(batch["loss_target"].tolist()) == [4, 6, 7, 12, 13]

@@ -1,13 +1,19 @@
-"""Scores of a run: primary metric, per-example hits, the majority baseline, and a table cell."""
+"""Scores of a run (primary metric, per-example hits, the majority baseline), timing medians, a table cell."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from typing import Any
 
 from riemix.metrics import compute_metrics
 
-__all__ = ["hits_string", "majority_baseline", "pct", "primary_score"]
+__all__ = ["hits_string", "majority_baseline", "medians", "pct", "primary_score"]
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """``name -> median`` of each candidate's timings (the figure the speed benchmarks report)."""
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def pct(entry: dict[str, Any], point: str) -> str:

@@ -1,7 +1,7 @@
 """The core tier: the MoE-LoRA math and its state, on PyTorch and safetensors alone.
 
 Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (only ``riemix.core.*``);
-``tests/test_core_imports.py`` enforces it.  Everything above (``io``, ``hub``, ``training``,
+``tests/core/test_imports.py`` enforces it.  Everything above (``io``, ``hub``, ``training``,
 ``diagnostics``, ``cli``) builds on these modules:
 
     config.py        MoELoRAConfig and every enumeration (routing modes, inits, regulariser modes)

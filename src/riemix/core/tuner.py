@@ -23,6 +23,7 @@ __all__ = [
     "iter_moe_lora_layers",
     "layer_index",
     "linear_names",
+    "set_record_routing",
 ]
 
 _log = logging.getLogger("riemix")
@@ -142,3 +143,12 @@ def add_moe_lora(
         )
     model.moe_lora_config = config
     return model
+
+
+def set_record_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Make every adapted layer keep (or stop keeping) its last router logits and gates.
+
+    Router regularisers and routing diagnostics read ``layer.last_router_logits`` / ``layer.last_gates``.
+    """
+    for _, layer in iter_moe_lora_layers(model):
+        layer.record_routing = enabled

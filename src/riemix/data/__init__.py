@@ -9,7 +9,6 @@ from .builtin import (
     PACKAGED_DIR,
     canonical_name,
     load_dataset,
-    load_mixture,
     normalize_split,
     parse_scienceqa_prompt,
 )
@@ -57,7 +56,6 @@ __all__ = [
     "load_dataset",
     "load_file",
     "load_mcq_jsonl",
-    "load_mixture",
     "load_sft_jsonl",
     "normalize_split",
     "parse_mcq_record",

@@ -74,7 +74,6 @@ __all__ = [
     "normalize_split",
     "parse_scienceqa_prompt",
     "load_dataset",
-    "load_mixture",
 ]
 
 DATA_DIR_ENV = "RIEMIX_DATA_DIR"
@@ -339,25 +338,3 @@ def load_dataset(
     split = normalize_split(split)
     return _load_builtin(canon, split, _locate(canon, split, data_dir))
 
-
-def load_mixture(
-    specs: Sequence[str] | str, split: str = "train", data_dir: str | Path | None = None
-) -> list[Dataset]:
-    """Load several datasets for a mixture; metrics stay per dataset (computed by the caller).
-
-    Args:
-        specs: Dataset names/paths, or one comma-separated string of them.
-        split: Split loaded from every dataset.
-        data_dir: As for :func:`load_dataset`.
-
-    Returns:
-        One :class:`~riemix.data.records.Dataset` per spec, in order.
-
-    Raises:
-        DataError: If ``specs`` is empty or any dataset fails to load.
-    """
-    if isinstance(specs, str):
-        specs = [s for s in (x.strip() for x in specs.split(",")) if s]
-    if not specs:
-        raise DataError("empty dataset mixture")
-    return [load_dataset(spec, split, data_dir) for spec in specs]

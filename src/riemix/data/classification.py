@@ -98,15 +98,10 @@ def _pick(keys: Sequence[str], available: Sequence[str], exclude: str | None = N
 def load_classification_jsonl(
     path: str | Path,
     *,
-    label_names: Sequence[str] | None = None,
-    task: str | None = None,
-    name: str | None = None,
-    split: str | None = None,
-    metric: str | None = None,
-    text_key: str | None = None,
-    pair_key: str | None = None,
-    label_key: str | None = None,
-) -> Dataset:
+    label_names: Sequence[str] | None = None, task: str | None = None, name: str | None = None,
+    split: str | None = None, metric: str | None = None,
+    text_key: str | None = None, pair_key: str | None = None, label_key: str | None = None,
+) -> Dataset:  # fmt: skip
     """Load a classification/regression JSONL file.
 
     Args:
@@ -158,25 +153,15 @@ def load_classification_jsonl(
 def load_classification_tsv(
     path: str | Path,
     *,
-    label_names: Sequence[str] | None = None,
-    task: str | None = None,
-    name: str | None = None,
-    split: str | None = None,
-    metric: str | None = None,
-    text_column: str | int | None = None,
-    pair_column: str | int | None = None,
-    label_column: str | int | None = None,
-    has_header: bool = True,
-) -> Dataset:
+    label_names: Sequence[str] | None = None, task: str | None = None, name: str | None = None,
+    split: str | None = None, metric: str | None = None,
+    text_column: str | int | None = None, pair_column: str | int | None = None,
+    label_column: str | int | None = None, has_header: bool = True,
+) -> Dataset:  # fmt: skip
     """Load a tab-separated classification/regression file (no quoting; GLUE style).
 
     Args:
-        path: File to read.
-        label_names: Class names; inferred from this file when ``None`` (see module docstring).
-        task: ``"classification"``, ``"regression"`` or ``None`` to infer from the labels.
-        name: Dataset name (default ``"<parent>/<stem>"``).
-        split: Split name recorded as ``Dataset.split_name``.
-        metric: Primary metric (default by task).
+        path, label_names, task, name, split, metric: As in :func:`load_classification_jsonl`.
         text_column: Header name or 0-based index of the text column; detected when ``None``.
         pair_column: Name/index of the second text column; detected only when ``text_column``
             is ``None`` too.

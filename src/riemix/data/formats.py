@@ -51,7 +51,7 @@ verbatim, so the tokenisation layer chooses the separator between them. ``text``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,17 @@ def infer_task(obj: dict[str, Any]) -> str:
     raise ValueError(f"cannot infer the task from fields {sorted(obj)}")
 
 
+def _parse_lines(path: str | Path, parse: Callable[[dict[str, Any]], Any]) -> list:
+    """``parse`` applied to every record of a JSONL file; a ``ValueError`` names the file and line."""
+    examples = []
+    for lineno, obj in iter_jsonl(path):
+        try:
+            examples.append(parse(obj))
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from e
+    return examples
+
+
 def load_mcq_jsonl(
     path: str | Path, *, name: str | None = None, split: str | None = None, metric: str = "accuracy"
 ) -> Dataset:
@@ -238,12 +249,7 @@ def load_mcq_jsonl(
     Raises:
         DataError: Naming the file and line of the first invalid record.
     """
-    examples = []
-    for lineno, obj in iter_jsonl(path):
-        try:
-            examples.append(parse_mcq_record(obj))
-        except ValueError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from e
+    examples = _parse_lines(path, parse_mcq_record)
     return finish(Path(path), "mcq", examples, name, split_name=split, metric=metric)
 
 
@@ -253,13 +259,7 @@ def load_sft_jsonl(path: str | Path, *, name: str | None = None, split: str | No
     Raises:
         DataError: Naming the file and line of the first invalid record.
     """
-    examples = []
-    for lineno, obj in iter_jsonl(path):
-        try:
-            examples.append(_parse_sft_record(obj))
-        except ValueError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from e
-    return finish(Path(path), "sft", examples, name, split_name=split)
+    return finish(Path(path), "sft", _parse_lines(path, _parse_sft_record), name, split_name=split)
 
 
 def load_file(

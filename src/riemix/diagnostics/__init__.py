@@ -16,6 +16,7 @@ from riemix.diagnostics.monitor import (
     compact_diagnostics,
     expert_grad_norms,
     gate_entropy,
+    model_grad_norms,
     usage_entropy,
     weight_diagnostics,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "expert_grad_norms",
     "expert_singular_values",
     "gate_entropy",
+    "model_grad_norms",
     "usage_entropy",
     "weight_diagnostics",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, effective_rank, expert_singular_values
+from riemix.core.layer import iter_moe_lora_layers
 
 __all__ = [
     "SIMILARITY_THRESHOLD",
@@ -21,6 +22,7 @@ __all__ = [
     "usage_entropy",
     "coefficient_of_variation",
     "expert_grad_norms",
+    "model_grad_norms",
     "weight_diagnostics",
     "RoutingMonitor",
     "collect_diagnostics",
@@ -117,6 +119,12 @@ def expert_grad_norms(lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict[str, l
 
     na, nb = norms(lora_a), norms(lora_b)
     return {"A": na.tolist(), "B": nb.tolist(), "total": (na.pow(2) + nb.pow(2)).sqrt().tolist()}
+
+
+def model_grad_norms(model: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
+    """``expert_grad_norms`` of every adapted layer of ``model``, keyed by module name (read before
+    ``optimizer.step()``, which may clear or reuse ``.grad``)."""
+    return {name: expert_grad_norms(layer.lora_A, layer.lora_B) for name, layer in iter_moe_lora_layers(model)}
 
 
 def weight_diagnostics(

@@ -32,7 +32,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,17 +47,16 @@ from riemix.hub.resolve import (
     default_cache_dir,
     resolve_model_source,
 )
+from riemix.tasks import MODEL_KINDS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from riemix.data.records import Dataset
 
-__all__ = ["HEAD_NAMES", "Task", "load_model", "num_labels_for"]
+__all__ = ["HEAD_NAMES", "load_model", "num_labels_for"]
 
 logger = logging.getLogger(__name__)
-
-Task = Literal["causal_lm", "sequence_classification"]
 
 HEAD_NAMES: tuple[str, ...] = ("classifier", "pre_classifier", "score")
 """Last name components of the task-head modules ``AutoModelForSequenceClassification`` adds.
@@ -68,7 +67,6 @@ it). When the checkpoint has no head these start random, so training unfreezes e
 here, and the loader reports their missing weights at INFO level instead of warning about them.
 """
 
-_TASKS: tuple[str, ...] = ("causal_lm", "sequence_classification")
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -319,7 +317,7 @@ def _load_builtin_gguf(
 
 def load_model(
     name_or_path: str,
-    task: Task = "causal_lm",
+    task: str = "causal_lm",
     num_labels: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -350,8 +348,8 @@ def load_model(
         ModelLoadError: If the name cannot be resolved (missing built-in package, unreachable or
             offline hub, unknown repository) or the weights cannot be loaded.
     """
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {_TASKS}")
+    if task not in MODEL_KINDS:
+        raise ValueError(f"unknown task {task!r}; expected one of {MODEL_KINDS}")
     if num_labels is not None:
         if task != "sequence_classification":
             raise ValueError("num_labels only applies to task='sequence_classification'")

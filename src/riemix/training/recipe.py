@@ -26,8 +26,8 @@ import torch
 
 from riemix.core.regularizers import apply_regularizers, scale_anchor_loss, uses_router_regularizers
 from riemix.core.schedules import linear_schedule, set_training_progress
-from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers
-from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, compact_diagnostics, expert_grad_norms
+from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers, set_record_routing
+from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, compact_diagnostics, model_grad_norms
 from riemix.evaluate import evaluate as evaluate_dataset
 from riemix.hub.loading import HEAD_NAMES, load_model, num_labels_for
 from riemix.io.adapter import save_adapter
@@ -123,7 +123,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> TrainState:
     # layers record their routing when router regularisers or diagnostics read it
     monitor = RoutingMonitor() if cfg.diagnostics_every else None
     if uses_router_regularizers(cfg.regularizer_coefs()) or monitor is not None:
-        _record_routing(model)
+        set_record_routing(model)
     state = TrainState(
         cfg=cfg,
         accel=accel,
@@ -162,12 +162,6 @@ def _resume_or_start(state: TrainState) -> None:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
 
 
-def _record_routing(model: torch.nn.Module) -> None:
-    """Make every adapted layer keep its last router logits / gates (for router losses and diagnostics)."""
-    for _, layer in iter_moe_lora_layers(model):
-        layer.record_routing = True
-
-
 # ---------------------------------------------------------------- one step
 def train_step(state: TrainState, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, then update, schedule, progress.
@@ -187,7 +181,7 @@ def train_step(state: TrainState, step: int) -> StepResult:
         raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}; lower the learning rate")
     grad_norms = None
     if _diagnostics_due(state, step + 1):  # before the step: the optimizer may clear or reuse .grad
-        grad_norms = {n: expert_grad_norms(m.lora_A, m.lora_B) for n, m in iter_moe_lora_layers(state.model)}
+        grad_norms = model_grad_norms(state.model)
     state.prepared_optimizer.step()
     state.scheduler.step()
     state.prepared_optimizer.zero_grad(set_to_none=True)

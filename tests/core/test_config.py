@@ -1,0 +1,125 @@
+"""MoELoRAConfig validation: every bad value raises a ValueError naming the field and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from riemix import MoELoRAConfig
+from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_experts": 0}, r"num_experts must be an int >= 1, got 0"),
+        ({"num_experts": True}, r"num_experts must be an int, list or callable, got True"),
+        ({"num_experts": "8"}, r"num_experts must be an int, list or callable, got '8'"),
+        ({"num_experts": []}, r"num_experts: the per-layer list is empty"),
+        ({"num_experts": [4, 0]}, r"num_experts\[1\] must be an int >= 1, got 0"),
+        ({"num_experts": 4, "top_k": 5}, r"top_k must be in 1..num_experts \(4\), got 5"),
+        ({"num_experts": [8, 2], "top_k": 3}, r"top_k must be in 1..num_experts \(2\), got 3"),
+        ({"top_k": 0}, r"top_k must be an int >= 1, got 0"),
+        ({"rank": 0}, r"rank must be an int >= 1, got 0"),
+        ({"rank": 2.5}, r"rank must be an int >= 1, got 2.5"),
+        ({"alpha": 0.0}, r"alpha must be > 0, got 0.0"),
+        ({"alpha": -1}, r"alpha must be > 0, got -1"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"routing": "switch"}, r"routing must be one of .*got 'switch'"),
+        ({"gate_grad_power": 1.5}, r"gate_grad_power must be in \[0, 1\], got 1.5"),
+        ({"gate_grad_power": -0.1}, r"gate_grad_power must be in \[0, 1\], got -0.1"),
+        ({"init": "random"}, r"init must be one of .*got 'random'"),
+        ({"router_init_std": -1.0}, r"router_init_std must be >= 0, got -1.0"),
+        ({"target_modules": []}, r"target_modules must be a regex string or a non-empty list"),
+        ({"target_modules": "q_proj("}, r"target_modules: invalid regex 'q_proj\('"),
+    ],
+)
+def test_invalid_values_raise_naming_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELoRAConfig(**kwargs)
+
+
+def test_dense_routing_ignores_top_k_bound():
+    MoELoRAConfig(num_experts=2, top_k=4, routing="dense")
+
+
+def test_scaling_plain_and_rslora():
+    assert MoELoRAConfig(rank=4, alpha=16.0).scaling == 4.0
+    assert MoELoRAConfig(rank=4, alpha=16.0, use_rslora=True).scaling == 8.0
+
+
+def test_experts_per_layer_list_and_callable():
+    cfg = MoELoRAConfig(num_experts=[2, 4, 8], top_k=2)
+    assert [cfg.experts_for_layer(i) for i in range(3)] == [2, 4, 8]
+    assert cfg.experts_for_layer(None) == 2
+    with pytest.raises(ValueError, match="num_experts has 3 entries but the model has a layer 3"):
+        cfg.experts_for_layer(3)
+    cfg = MoELoRAConfig(num_experts=lambda i: 2 + 2 * i, top_k=2)
+    assert cfg.experts_for_layer(3) == 8
+    with pytest.raises(ValueError, match=r"top_k must be in 1..num_experts \(2\) for layer 0, got 3"):
+        MoELoRAConfig(num_experts=lambda i: 2, top_k=3).experts_for_layer(0)
+    with pytest.raises(ValueError, match=r"num_experts\(0\) must be an int >= 1, got 0"):
+        MoELoRAConfig(num_experts=lambda i: 0, top_k=1).experts_for_layer(0)
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = MoELoRAConfig(num_experts=[2, 4], top_k=2, rank=3, target_modules=".*proj")
+    assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown MoELoRAConfig field\(s\): \['experts'\]"):
+        MoELoRAConfig.from_dict({"experts": 3})
+
+
+def test_mode_groups_are_subsets_of_the_routing_modes():
+    assert ROUTING_MODES == ("softmax_topk", "topk_softmax", "dense", "top_p", "global")
+    assert TOPK_MODES == ("softmax_topk", "topk_softmax") and DENSE_MODES == ("dense", "global")
+    assert set(TOPK_MODES) | set(DENSE_MODES) | {"top_p"} == set(ROUTING_MODES)
+    assert not set(TOPK_MODES) & set(DENSE_MODES)
+    assert REGULARIZER_MODES == ("loss", "inject")
+    for mode in DENSE_MODES:  # no selection: top_k is every expert, noise is refused
+        assert MoELoRAConfig(num_experts=3, top_k=5, routing=mode).experts_for_layer(0) == 3
+        with pytest.raises(ValueError, match="router_noise_std must be 0"):
+            MoELoRAConfig(routing=mode, router_noise_std=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"init_b_std": 0.0}, r"init_b_std must be > 0, got 0.0"),
+        ({"scale_warmup_steps": -1}, r"scale_warmup_steps must be an int >= 0, got -1"),
+        ({"scale_warmup_steps": 1.5}, r"scale_warmup_steps must be an int >= 0, got 1.5"),
+        (
+            {"init": "pissa", "scale_warmup_steps": 3},
+            r"scale_warmup_steps must be 0 with init='pissa'.*got 3",
+        ),
+        ({"router_temperature": 0.0}, r"router_temperature must be > 0, got 0.0"),
+        ({"router_temperature_final": -1.0}, r"router_temperature_final must be > 0 or None, got -1.0"),
+        ({"router_noise_std": -0.1}, r"router_noise_std must be >= 0, got -0.1"),
+        ({"routing": "dense", "router_noise_std": 0.1}, r"router_noise_std must be 0 with routing='dense'"),
+        ({"routing": "global", "router_noise_std": 0.1}, r"router_noise_std must be 0 with routing='global'"),
+        ({"routing": "top_p", "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"expert_scales": 1}, r"expert_scales must be a bool, got 1"),
+        ({"scale_anchor_beta": -1.0}, r"scale_anchor_beta must be >= 0, got -1.0"),
+        ({"scale_anchor_beta": 0.1}, r"scale_anchor_beta needs expert_scales=True"),
+        ({"routing": "top_p", "num_experts": 2, "top_k": 3}, r"top_k must be in 1..num_experts \(2\), got 3"),
+    ],
+)
+def test_new_config_fields_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELoRAConfig(**kwargs)
+
+
+def test_new_config_fields_round_trip_and_global_ignores_top_k_bound():
+    cfg = MoELoRAConfig(
+        num_experts=2,
+        top_k=4,
+        routing="global",
+        expert_scales=True,
+        scale_anchor_beta=0.1,
+        router_temperature=2.0,
+        router_temperature_final=0.5,
+        init="small_b",
+        init_b_std=0.01,
+        scale_warmup_steps=5,
+    )
+    assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg

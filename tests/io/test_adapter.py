@@ -1,0 +1,175 @@
+"""Adapter files: bit-exact round trip, atomic writes, clear errors for mismatches and corruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from riemix import AdapterError, MoELoRAConfig, add_moe_lora, iter_moe_lora_layers, load_adapter, save_adapter
+from riemix.core.schedules import set_scale_progress
+from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME
+from tests.helpers import make_tiny_bert, make_tiny_llama, tiny_inputs
+
+CFG = dict(num_experts=3, top_k=2, rank=2, target_modules=["q_proj", "v_proj"])
+
+
+def perturb_trainable(model, scale: float, seed: int) -> None:
+    """Simulated training: move every adapter parameter by seeded Gaussian noise."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def trained_llama(cfg: MoELoRAConfig, seed: int = 0):
+    model = add_moe_lora(make_tiny_llama(seed=seed), cfg)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for _, layer in iter_moe_lora_layers(model):
+            layer.lora_A.normal_()
+            layer.lora_B.normal_()
+            layer.router.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("num_experts", [3, [2, 4], lambda i: 2 + i])
+def test_round_trip_is_bit_exact(tmp_path, num_experts):
+    cfg = MoELoRAConfig(**{**CFG, "num_experts": num_experts})
+    model = trained_llama(cfg)
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    restored = load_adapter(make_tiny_llama(), tmp_path / "adapter")
+    a, b = dict(iter_moe_lora_layers(model)), dict(iter_moe_lora_layers(restored))
+    assert a.keys() == b.keys()
+    for name in a:
+        for attr in ("lora_A", "lora_B"):
+            assert torch.equal(getattr(a[name], attr), getattr(b[name], attr))
+        assert torch.equal(a[name].router.weight, b[name].router.weight)
+        assert a[name].num_experts == b[name].num_experts
+    assert torch.equal(model(**tiny_inputs()).logits, restored(**tiny_inputs()).logits)
+    trainable = {n for n, p in restored.named_parameters() if p.requires_grad}
+    assert all(n.endswith(("lora_A", "lora_B", "router.weight")) for n in trainable)
+
+
+def test_config_contents(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    save_adapter(model, tmp_path, extra={"task": "demo"})
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["format_version"] == 1 and meta["config"]["rank"] == 2 and meta["extra"] == {"task": "demo"}
+    assert meta["base_model"]["model_class"] == "LlamaForCausalLM"
+    assert meta["base_model"]["modules"]["model.layers.0.self_attn.q_proj"] == {
+        "in_features": 32,
+        "out_features": 32,
+        "num_experts": 3,
+        "rank": 2,
+    }
+
+
+def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    save_adapter(model, tmp_path)
+    old = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("riemix.io.adapter.save_file", boom)
+    with torch.no_grad():
+        next(iter_moe_lora_layers(model))[1].lora_B.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_adapter(model, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp leftovers
+    load_adapter(make_tiny_llama(), tmp_path)  # still a consistent adapter
+
+
+def test_save_without_adapters_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no MoE-LoRA adapters to save"):
+        save_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_mismatched_base_model_names_the_difference(tmp_path):
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
+    with pytest.raises(AdapterError, match=r"model class is BertForSequenceClassification.*saved on LlamaForCausalLM"):
+        load_adapter(make_tiny_bert(), tmp_path)
+    with pytest.raises(AdapterError, match=r"q_proj' has shape in=48, out=48; adapter expects in=32, out=32"):
+        load_adapter(make_tiny_llama(hidden=48), tmp_path)
+    with pytest.raises(AdapterError, match=r"module 'model.layers.1.self_attn.q_proj' does not exist"):
+        load_adapter(make_tiny_llama(layers=1), tmp_path)
+
+
+def test_corrupt_or_missing_files(tmp_path):
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="checksum mismatch"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    weights.unlink()
+    with pytest.raises(AdapterError, match="adapter weights not found"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(AdapterError, match="corrupt adapter config"):
+        load_adapter(make_tiny_llama(), tmp_path)
+    with pytest.raises(AdapterError, match="adapter config not found"):
+        load_adapter(make_tiny_llama(), tmp_path / "nowhere")
+
+
+def test_unsupported_format_version(tmp_path):
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["format_version"] = 99
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="format_version 99 is not supported"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_failed_load_leaves_model_untouched(tmp_path):
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
+    base = make_tiny_llama(hidden=48)
+    with pytest.raises(AdapterError):
+        load_adapter(base, tmp_path)
+    assert not list(iter_moe_lora_layers(base))
+
+
+def test_pissa_save_load_reproduces_trained_model_exactly(tmp_path):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    cfg = MoELoRAConfig(num_experts=3, top_k=2, rank=2, init="pissa", target_modules=targets, expert_scales=True)
+    model = add_moe_lora(make_tiny_llama(), cfg)
+    perturb_trainable(model, 0.05, seed=5)
+    save_adapter(model, tmp_path / "pissa")
+    restored = load_adapter(make_tiny_llama(), tmp_path / "pissa")
+    for (name, a), (_, b) in zip(iter_moe_lora_layers(model), iter_moe_lora_layers(restored), strict=True):
+        assert torch.equal(a.base_layer.weight, b.base_layer.weight), name  # residual rebuilt bit-exactly
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    assert torch.equal(restored(**tiny_inputs()).logits, model(**tiny_inputs()).logits)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(routing="global", expert_scales=True, router_temperature=0.7),
+        dict(routing="top_p", top_p=0.5, top_k=3, router_noise_std=0.1),
+        dict(routing="softmax_topk", expert_scales=True, scale_warmup_steps=3),
+    ],
+)
+def test_save_load_round_trips_new_parameters_and_state(tmp_path, extra):
+    cfg = MoELoRAConfig(**{**CFG, **extra})
+    model = add_moe_lora(make_tiny_llama(), cfg)
+    perturb_trainable(model, 0.3, seed=3)
+    set_scale_progress(model, 2)
+    for _, layer in iter_moe_lora_layers(model):
+        layer.router_temperature = 0.9
+    save_adapter(model, tmp_path / "a")
+    restored = load_adapter(make_tiny_llama(), tmp_path / "a")
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loaded = {n: p for n, p in restored.named_parameters() if p.requires_grad}
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[n], loaded[n]) for n in trained)
+    for (_, a), (_, b) in zip(iter_moe_lora_layers(model), iter_moe_lora_layers(restored), strict=True):
+        assert (a.scale_factor, a.router_temperature) == (b.scale_factor, b.router_temperature)
+    torch.testing.assert_close(restored(**tiny_inputs()).logits, model(**tiny_inputs()).logits, atol=0, rtol=0)

@@ -1,0 +1,34 @@
+"""Evaluation: length-grouped scoring returns predictions in dataset order, whatever the batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from riemix.data import ClassificationExample, Dataset, load_dataset
+from riemix.evaluate import predict
+from riemix.tasks import TaskModel, TaskSpec
+from tests.helpers import GOOD, make_tiny_bert, make_tiny_llama, tiny_tokenizer, write_mcq
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_mcq_predictions_do_not_depend_on_batching(tmp_path, fmt):
+    ds = load_dataset(write_mcq(tmp_path / "d.jsonl", 23, 3), "dev")
+    spec = TaskSpec.for_dataset(ds, "causal_lm", format=fmt)
+    tm = TaskModel(make_tiny_llama(), "causal_lm")
+    one = predict(tm, ds, spec, tiny_tokenizer(), batch_size=1)["preds"]
+    many = predict(tm, ds, spec, tiny_tokenizer(), batch_size=9)["preds"]
+    assert np.array_equal(one, many) and len(one) == 23
+
+
+def test_encoder_predictions_do_not_depend_on_batching():
+    rng = np.random.default_rng(0)
+    exs = [
+        ClassificationExample(" ".join(rng.choice(GOOD, size=int(rng.integers(1, 6)))), None, i % 2) for i in range(17)
+    ]
+    ds = Dataset("toy", "classification", exs, label_names=("a", "b"))
+    spec = TaskSpec.for_dataset(ds, "sequence_classification")
+    tm = TaskModel(make_tiny_bert(), "sequence_classification")
+    one = predict(tm, ds, spec, tiny_tokenizer(), batch_size=1)["preds"]
+    many = predict(tm, ds, spec, tiny_tokenizer(), batch_size=5)["preds"]
+    assert np.array_equal(one, many)
