@@ -5,13 +5,20 @@ Candidates, all on the same frozen ``nn.Linear`` and the same input (which requi
 - ``base``: the frozen Linear alone;
 - ``riemix``: ``MoELoRALinear`` (fused experts, gate-rescaled backward, softmax-top-k routing);
 - ``loop``: the paper-style per-expert Python loop with the same routing and gate rescaling;
-- ``peft_lora``: PEFT ``LoraLayer`` with rank E·r (the same number of adapter parameters in A/B).
+- ``peft_lora``: PEFT ``LoraLayer`` with rank E·r (the same number of adapter parameters in A/B);
+- with ``--paths``: ``riemix_dense`` and ``riemix_sparse``, the same layer (same parameters) with
+  ``expert_compute`` forced to ``"dense"`` (every expert for every token) and ``"sparse"`` (only the
+  selected token-expert pairs; ``riemix.core.sparse``).
+
+``--sparse-case`` measures issue 16's shape instead (E=64, top-k=2, r=8 unless given): the frozen base, the
+dense path and the sparse path only, and writes ``layer_speed_sparse_<dtype>.json``.
 
 Timings are interleaved (each repeat runs every candidate once, in rotating order) and the median is
 reported, because this machine is noisy.  Prints a table and writes JSON to ``benchmarks/results/``.
 
     python benchmarks/layer_speed.py            # E=20, top-k=10, r=4, 2048x2048, 2048 tokens, fp32
     python benchmarks/layer_speed.py --quick    # small smoke run
+    python benchmarks/layer_speed.py --sparse-case --repeats 7   # base vs dense vs sparse, E=64/top-2/r=8
 """
 
 from __future__ import annotations
@@ -37,13 +44,32 @@ def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+#: The candidates of ``--sparse-case`` (and of ``layer_sweep.py --experts-sweep``).
+PATHS = ("base", "riemix_dense", "riemix_sparse")
+
+
+def forced_paths(moe: MoELoRALinear) -> dict[str, MoELoRALinear]:
+    """``riemix_dense`` and ``riemix_sparse``: layers on ``moe``'s base with its parameters, path forced."""
+    out = {}
+    for path in ("dense", "sparse"):
+        layer = MoELoRALinear(moe.base_layer, moe.num_experts, moe.rank, alpha=moe.alpha, top_k=moe.top_k,
+                              gate_grad_power=moe.gate_grad_power, expert_compute=path)  # fmt: skip
+        layer.load_state_dict(moe.state_dict())
+        out[f"riemix_{path}"] = layer.to(moe.lora_A.dtype)
+    return out
+
+
 def build(args, dtype):
     torch.manual_seed(0)
     base = nn.Linear(args.width, args.width, bias=False).to(dtype).requires_grad_(False)
     moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(dtype)
     with torch.no_grad():
         moe.lora_B.normal_(std=0.01)
+    if getattr(args, "sparse_case", False):
+        return {"base": base, **forced_paths(moe)}
     cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
+    if getattr(args, "paths", False):
+        cands.update(forced_paths(moe))
     try:
         from peft import LoraConfig, get_peft_model
 
@@ -79,28 +105,51 @@ def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
 
 
 def ratios_of(med: dict[str, float]) -> dict[str, float]:
-    """riemix/base, loop/riemix and (when PEFT ran) riemix/PEFT LoRA of the median times ``med``."""
+    """riemix/base, loop/riemix and (when PEFT ran) riemix/PEFT LoRA of the median times ``med``.
+
+    With the forced paths (``--paths``, ``--sparse-case``) also dense/base, sparse/base and dense/sparse;
+    ``--sparse-case`` has only those.
+    """
+    paths = {}
+    if "riemix_sparse" in med:
+        paths = {
+            "riemix_dense_over_base": med["riemix_dense"] / med["base"],
+            "riemix_sparse_over_base": med["riemix_sparse"] / med["base"],
+            "riemix_dense_over_sparse": med["riemix_dense"] / med["riemix_sparse"],
+        }
+    if "riemix" not in med:
+        return paths
     ratios = {
         "riemix_over_base": med["riemix"] / med["base"],
         "loop_over_riemix": med["loop"] / med["riemix"],
     }
     if "peft_lora" in med:
         ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
-    return ratios
+    return {**ratios, **paths}
 
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--experts", type=int, default=20)
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=None, help="E (default 20; 64 with --sparse-case)")
+    parser.add_argument("--top-k", type=int, default=None, help="default 10; 2 with --sparse-case")
+    parser.add_argument("--rank", type=int, default=None, help="default 4; 8 with --sparse-case")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--paths", action="store_true", help="add riemix_dense and riemix_sparse (forced paths)")
+    parser.add_argument(
+        "--sparse-case",
+        action="store_true",
+        help="base vs dense vs sparse path only, at E=64, top-k=2, r=8 unless --experts/--top-k/--rank are given",
+    )
     args = parser.parse_args()
+    defaults = {"experts": 64, "top_k": 2, "rank": 8} if args.sparse_case else {"experts": 20, "top_k": 10, "rank": 4}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.width, args.tokens, args.repeats = 256, 256, 3
     times = measure(args, getattr(torch, args.dtype))
@@ -110,11 +159,19 @@ def main() -> None:
         f"MoE-LoRA layer fwd+bwd: E={args.experts} top-k={args.top_k} r={args.rank} "
         f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}"
     )
-    print(f"{'candidate':<12} {'ms':>9} {'vs base':>9}")
+    print(f"{'candidate':<14} {'ms':>9} {'vs base':>9}")
     for name in med:
-        print(f"{name:<12} {1e3 * med[name]:9.2f} {med[name] / med['base']:8.2f}x")
-    targets = {"riemix_over_base": 1.3, "loop_over_riemix": 8.0, "riemix_over_peft_lora": 1.1}
+        print(f"{name:<14} {1e3 * med[name]:9.2f} {med[name] / med['base']:8.2f}x")
+    targets = {
+        "riemix_over_base": 1.3,
+        "loop_over_riemix": 8.0,
+        "riemix_over_peft_lora": 1.1,
+        "riemix_sparse_over_base": 1.3,
+    }
     for key, value in ratios.items():
+        if key not in targets:
+            print(f"{key:<24} {value:6.2f}")
+            continue
         better = value >= targets[key] if key == "loop_over_riemix" else value <= targets[key]
         print(
             f"{key:<24} {value:6.2f}  (target {'>=' if key == 'loop_over_riemix' else '<='} {targets[key]}: "
@@ -125,7 +182,7 @@ def main() -> None:
         "layer_speed",
         args.quick,
         args.out,
-        tail=f"_{args.dtype}",
+        tail=f"{'_sparse' if args.sparse_case else ''}_{args.dtype}",
     )
 
 

@@ -5,8 +5,13 @@ interleaved repeats, medians) and records the ratios riemix/base, loop/riemix an
 point is smaller than ``layer_speed.py``'s default so the whole sweep, bf16 included, fits in a few minutes
 on 2 CPU cores. Prints a table and writes ``benchmarks/results/layer_sweep.json``.
 
+``--experts-sweep`` instead times the frozen base, the dense path and the sparse path (``expert_compute``
+forced; ``layer_speed.PATHS``) for E ∈ {8, 16, 32, 64, 128} at top-2, r=8 on 2048x2048 with 2048 tokens,
+fp32: how each path's time grows with E. Writes ``benchmarks/results/layer_sweep_experts.json``.
+
     python benchmarks/layer_sweep.py            # E, top-k, r and width sweeps in fp32, base point in bf16
     python benchmarks/layer_sweep.py --quick    # two tiny points
+    python benchmarks/layer_sweep.py --experts-sweep --repeats 5
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from layer_speed import measure, ratios_of
+from layer_speed import PATHS, measure, ratios_of
 from lib.harness import record_header, script_parser, write_record
 from lib.stats import medians
 
 BASE = {"experts": 8, "top_k": 2, "rank": 4, "width": 1024, "tokens": 1024}
 SWEEP = {"experts": [4, 8, 16, 32], "top_k": [1, 2, 4, 8], "rank": [2, 4, 8, 16], "width": [512, 1024, 2048]}
+#: ``--experts-sweep``: the sizes held fixed and the expert counts.
+EXPERTS_POINT = {"top_k": 2, "rank": 8, "width": 2048, "tokens": 2048}
+EXPERTS = [8, 16, 32, 64, 128]
 
 
 def points(quick: bool) -> list[tuple[str, dict, str]]:
@@ -40,11 +48,36 @@ def points(quick: bool) -> list[tuple[str, dict, str]]:
     return out
 
 
+def experts_sweep(repeats: int, quick: bool) -> None:
+    """Base, dense and sparse path fwd+bwd times for each E at top-2, r=8 (fp32); print and write JSON."""
+    point = {**EXPERTS_POINT, "width": 128, "tokens": 128} if quick else dict(EXPERTS_POINT)
+    print(f"{'E':>4} {'base ms':>8} {'dense ms':>9} {'sparse ms':>10} {'dense/base':>10} {'sparse/base':>11}")
+    rows = []
+    for experts in EXPERTS[:2] if quick else EXPERTS:
+        sizes = {"experts": experts, **point}
+        args = SimpleNamespace(**sizes, repeats=3 if quick else repeats, sparse_case=True)
+        med = medians(measure(args, torch.float32))
+        assert list(med) == list(PATHS)
+        rows.append({**sizes, "dtype": "float32", "median_seconds": med, **ratios_of(med)})
+        ms = [1e3 * med[name] for name in PATHS]
+        print(
+            f"{experts:4d} {ms[0]:8.1f} {ms[1]:9.1f} {ms[2]:10.1f} "
+            f"{rows[-1]['riemix_dense_over_base']:10.2f} {rows[-1]['riemix_sparse_over_base']:11.2f}",
+            flush=True,
+        )
+    record = {**record_header("layer_sweep_experts"), "fixed": point, "repeats": repeats, "points": rows}
+    write_record(record, "layer_sweep_experts", quick)
+
+
 def main() -> None:
     parser = script_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--experts-sweep", action="store_true", help="base vs dense vs sparse path across E")
     args = parser.parse_args()
+    if args.experts_sweep:
+        experts_sweep(args.repeats, args.quick)
+        return
     rows = []
     header = f"{'varied':<8} {'E':>3} {'k':>3} {'r':>3} {'width':>6} {'dtype':<9} {'base ms':>8} " + (
         f"{'riemix/base':>11} {'loop/riemix':>11} {'riemix/peft':>11}"

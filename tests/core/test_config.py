@@ -102,6 +102,9 @@ def test_mode_groups_are_subsets_of_the_routing_modes():
         ({"scale_anchor_beta": -1.0}, r"scale_anchor_beta must be >= 0, got -1.0"),
         ({"scale_anchor_beta": 0.1}, r"scale_anchor_beta needs expert_scales=True"),
         ({"routing": "top_p", "num_experts": 2, "top_k": 3}, r"top_k must be in 1..num_experts \(2\), got 3"),
+        ({"expert_compute": "fast"}, r"expert_compute must be one of \('auto', 'dense', 'sparse'\), got 'fast'"),
+        ({"expert_compute": "sparse", "routing": "dense"}, r"expert_compute='sparse' needs .*routing='dense'"),
+        ({"expert_compute": "sparse", "routing": "global"}, r"expert_compute='sparse' needs .*routing='global'"),
     ],
 )
 def test_new_config_fields_are_validated(kwargs, match):
@@ -121,5 +124,7 @@ def test_new_config_fields_round_trip_and_global_ignores_top_k_bound():
         init="small_b",
         init_b_std=0.01,
         scale_warmup_steps=5,
+        expert_compute="dense",
     )
     assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg
+    assert MoELoRAConfig.from_dict({"routing": "top_p", "expert_compute": "sparse"}).expert_compute == "sparse"

@@ -1,4 +1,5 @@
-"""The preconditioner (riemix.optim.precondition): batched fast path == reference == explicit inverses."""
+"""The preconditioner (riemix.optim.precondition): batched fast path == reference == explicit inverses, the
+identity fallback of a Gram whose Cholesky factorization fails, and the plan kept between calls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from riemix.optim import RiemannianSGD
 from riemix.optim.precondition import Job, precondition_grads_, precondition_reference
-from tests.helpers import F64, flat, make_pairs, ref_precond, set_grads
+from tests.helpers import F64, SPECS, flat, make_pairs, ref_precond, set_grads
 
 
 def all_jobs(pairs, reg):
@@ -21,9 +22,11 @@ def test_batched_preconditioning_matches_reference(matmul_path, reg):
     set_grads(flat(pairs), 0)
     raw = [p.grad.clone() for p in flat(pairs)]
     scratch = {}
-    for _ in range(2):  # the second call reuses the CPU scratch buffers
+    plans = []
+    for _ in range(2):  # the second call reuses the plan and its buffers
         grads = {p: p.grad for p in flat(pairs)}
         precondition_grads_(all_jobs(pairs, reg), grads, scratch)
+        plans.append(list(scratch.values()))
         for a, b in pairs:
             ref_a = precondition_reference(a.grad, b.detach(), True, reg)
             ref_b = precondition_reference(b.grad, a.detach(), False, reg)
@@ -32,8 +35,60 @@ def test_batched_preconditioning_matches_reference(matmul_path, reg):
                 assert got.shape == ref.shape and got.dtype == ref.dtype == F64
                 torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
                 torch.testing.assert_close(ref, oracle, atol=1e-12, rtol=1e-10)
-    assert bool(scratch) == (matmul_path == "per_pair")
+    assert len(plans[0]) == 1 and plans[0] == plans[1]
     assert all(torch.equal(p.grad, g) for p, g in zip(flat(pairs), raw, strict=True))
+
+
+# (E, r, in, out): CPU products of B-shaped operands take q rows at once, q·r <= 16 and q | out
+KRON_SPECS = [(2, 3, 5, 7), (2, 4, 6, 8), (1, 16, 3, 5), (2, 2, 4, 6), (3, 1, 2, 32)]  # q = 1, 4, 1, 6, 16
+
+
+@pytest.mark.parametrize("spec", KRON_SPECS)
+def test_every_row_grouping_matches_reference(matmul_path, spec):
+    pairs = make_pairs([spec, spec])
+    set_grads(flat(pairs), 1)
+    grads = {p: p.grad for p in flat(pairs)}
+    precondition_grads_(all_jobs(pairs, 1e-3), grads, {})
+    for a, b in pairs:
+        oracle_a, oracle_b = ref_precond(a.detach(), b.detach(), a.grad, b.grad, 1e-3)
+        torch.testing.assert_close(grads[a], oracle_a, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grads[b], oracle_b, atol=1e-12, rtol=1e-10)
+
+
+def test_different_regs_share_one_solve_and_strided_grads(matmul_path):
+    pairs = make_pairs(SPECS[:2])  # same shapes, so one bucket with two ridge terms
+    set_grads(flat(pairs), 2)
+    for p in flat(pairs):  # strided grads (transposed storage) reach the products as they are
+        p.grad = p.grad.mT.contiguous().mT
+    regs = [0.0, 0.5]
+    jobs = [
+        job for (a, b), reg in zip(pairs, regs, strict=True) for job in (Job(a, b, True, reg), Job(b, a, False, reg))
+    ]
+    grads = {p: p.grad for p in flat(pairs)}
+    precondition_grads_(jobs, grads, {})
+    for (a, b), reg in zip(pairs, regs, strict=True):
+        oracle_a, oracle_b = ref_precond(a.detach(), b.detach(), a.grad, b.grad, reg)
+        torch.testing.assert_close(grads[a], oracle_a, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grads[b], oracle_b, atol=1e-12, rtol=1e-10)
+        assert grads[a].is_contiguous() and grads[b].is_contiguous()
+
+
+def test_plan_is_rebuilt_when_a_factor_changes_shape_or_dtype(matmul_path):
+    pairs = make_pairs(SPECS[:1])
+    (a, b), scratch = pairs[0], {}
+    for step in range(3):
+        if step == 1:  # new shapes behind the same Parameter objects (e.g. a resized adapter)
+            a.data, b.data = torch.randn(4, 2, 6, dtype=F64), torch.randn(4, 3, 2, dtype=F64)
+        if step == 2:
+            a.data, b.data = a.data.float(), b.data.float()
+        set_grads([a, b], step)
+        grads = {a: a.grad, b: b.grad}
+        precondition_grads_(all_jobs(pairs, 1e-3), grads, scratch)
+        oracle_a, oracle_b = ref_precond(a.detach(), b.detach(), a.grad, b.grad, 1e-3)
+        tol = dict(atol=1e-12, rtol=1e-10) if a.dtype == F64 else dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[a], oracle_a, **tol)
+        torch.testing.assert_close(grads[b], oracle_b, **tol)
+    assert len(scratch) <= 3  # old plans are dropped
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F64])
@@ -72,6 +127,22 @@ def test_half_precision_solves_in_fp32(dtype, matmul_path):
     assert torch.equal(a, a0)  # a zero gradient moves nothing (no NaN from the singular BᵀB)
     _, want_b = ref_precond(a0.float(), torch.zeros_like(gb), ga, gb, 1e-6)  # the optimizer's default reg
     torch.testing.assert_close(b.float(), -0.01 * want_b, atol=2e-3, rtol=0.02)
+
+
+def test_failed_cholesky_gives_that_expert_the_plain_gradient(matmul_path):
+    a = torch.randn(3, 2, 5, dtype=F64)
+    b = torch.randn(3, 4, 2, dtype=F64)
+    b[0] = 1.0  # rank 1: BᵀB = [[4, 4], [4, 4]] is singular, its Cholesky factorization fails exactly
+    b[2, 0, 0] = float("inf")  # a non-finite Gram fails too
+    ga, gb = torch.randn_like(a), torch.randn_like(b)
+    grads = {a: ga, b: gb}
+    precondition_grads_([Job(a, b, True, 0.0), Job(b, a, False, 0.0)], grads, {})
+    torch.testing.assert_close(grads[a][0], ga[0], atol=0, rtol=0)  # plain gradient, no NaN
+    torch.testing.assert_close(grads[a][2], ga[2], atol=0, rtol=0)
+    want = torch.linalg.inv(b[1].T @ b[1]) @ ga[1]  # the regular expert in the same batch is preconditioned
+    torch.testing.assert_close(grads[a][1], want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(precondition_reference(ga, b, True, 0.0), grads[a], atol=1e-12, rtol=1e-10)
+    assert torch.isfinite(grads[b][:2]).all()
 
 
 def test_singular_gram_falls_back_to_plain_gradient(matmul_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import riemix.optim.radamw
 from riemix.optim import RiemannianAdamW
 from tests.helpers import (
     F64,
@@ -21,8 +22,10 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize("fused", [None, False])
-def test_adamw_matches_per_expert_formula_multi_step(matmul_path, fused):
+@pytest.mark.parametrize("fused,chunk", [(None, 1 << 20), (None, 1), (None, 300), (False, 1 << 20)])
+def test_adamw_matches_per_expert_formula_multi_step(matmul_path, monkeypatch, fused, chunk):
+    """Also with the fused kernel called per factor (chunk 1 byte) and on chunks of a few factors."""
+    monkeypatch.setattr(riemix.optim.radamw, "_CHUNK_BYTES", chunk)
     pairs = make_pairs()
     ref_pairs = clone_pairs(pairs)
     lr, (b1, b2), eps, wd, reg = 0.01, (0.8, 0.9), 1e-8, 0.1, 1e-4

@@ -77,6 +77,42 @@ def test_sgd_matches_per_expert_formula_multi_step(matmul_path):
     assert_params_close(flat(pairs) + [router], flat(ref_pairs) + [ref_router])
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=0.05),  # no momentum: the product writes into the parameter
+        dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),  # into the momentum buffer
+        dict(lr=0.05, momentum=0.9, nesterov=True),  # Nesterov needs the preconditioned gradient itself
+    ],
+)
+def test_sgd_equals_torch_sgd_on_preconditioned_grads(matmul_path, kw):
+    """Every momentum variant, with a strided factor and a factor that first gets a grad at step 1."""
+    pairs = make_pairs()
+    a0, b0 = pairs[1]
+    pairs[1] = (nn.Parameter(a0.detach().mT.contiguous().mT), b0)  # a strided A: no product into it
+    ref_pairs = clone_pairs(pairs)
+    opt = RiemannianSGD(flat(pairs), lora_pairs=pairs, reg=1e-3, **kw)
+    ref = torch.optim.SGD(flat(ref_pairs), **{**kw, "weight_decay": 0.0})
+    wd = kw.get("weight_decay", 0.0)
+    for step in range(3):
+        set_grads(flat(pairs), step)
+        set_grads(flat(ref_pairs), step)
+        if step == 0:  # the last pair joins late: its momentum buffers start at step 1
+            pairs[-1][0].grad = pairs[-1][1].grad = ref_pairs[-1][0].grad = ref_pairs[-1][1].grad = None
+        before = [None if p.grad is None else p.grad.clone() for p in flat(pairs)]
+        opt.step()
+        assert all(g is None or torch.equal(p.grad, g) for p, g in zip(flat(pairs), before, strict=True))
+        with torch.no_grad():
+            live = [pair for pair in ref_pairs if pair[0].grad is not None]
+            for p in flat(live):
+                p.grad = p.grad + wd * p  # coupled weight decay, before preconditioning
+            for p, g in ref_grads(live, 1e-3).items():
+                p.grad = g
+        ref.step()
+    assert not pairs[1][0].is_contiguous()
+    assert_params_close(flat(pairs), flat(ref_pairs), atol=1e-12)
+
+
 def test_sgd_momentum_with_params_that_join_late_matches_torch():
     params = [nn.Parameter(torch.randn(3, 4, dtype=F64)) for _ in range(3)]
     ref_params = clone_params(params)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from riemix.core.config import INIT_MODES, ROUTING_MODES, MoELoRAConfig
+from riemix.core.config import EXPERT_COMPUTE_MODES, INIT_MODES, ROUTING_MODES, MoELoRAConfig
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MODEL_KINDS
 from riemix.training.config import REGULARIZER_MODES, SCHEDULES
@@ -61,6 +61,7 @@ class _Caseless(tuple):
 CHOICES: dict[str, tuple[str, ...]] = {
     "routing": ROUTING_MODES,
     "init": INIT_MODES,
+    "expert_compute": EXPERT_COMPUTE_MODES,
     "optimizer": _Caseless(OPTIMIZER_NAMES),
     "model_kind": MODEL_KINDS,
     "format": FORMATS,

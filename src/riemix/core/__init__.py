@@ -6,6 +6,7 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
 
     config.py        MoELoRAConfig and every enumeration (routing modes, inits, regulariser modes)
     routing.py       route(): router logits -> gates; the gate-rescaling coefficients
+    sparse.py        the sparse expert path (selected token-expert pairs only) and when to take it
     functional.py    moe_lora_linear (the fused autograd function) and reference_moe_lora_linear
     init.py          the adapter initialisations (zero_b, gaussian, orthogonal, pissa, small_b)
     layer.py         MoELoRALinear, iter_moe_lora_layers
@@ -18,7 +19,15 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
 The import graph inside the tier runs top to bottom in that list (config first, regularizers last).
 """
 
-from riemix.core.config import DENSE_MODES, INIT_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES, MoELoRAConfig
+from riemix.core.config import (
+    DENSE_MODES,
+    EXPERT_COMPUTE_MODES,
+    INIT_MODES,
+    REGULARIZER_MODES,
+    ROUTING_MODES,
+    TOPK_MODES,
+    MoELoRAConfig,
+)
 from riemix.core.functional import RouteSpec, moe_lora_linear, reference_moe_lora_linear
 from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, effective_rank, expert_singular_values
 from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
@@ -31,16 +40,19 @@ from riemix.core.regularizers import (
 )
 from riemix.core.routing import route
 from riemix.core.schedules import linear_schedule, set_training_progress
+from riemix.core.sparse import SPARSE_MAX_DENSITY, sparse_moe_lora_linear, use_sparse_experts
 from riemix.core.state import ADAPTER_TENSORS, adapter_state_dict, adapter_tensor_shapes
 from riemix.core.tuner import add_moe_lora, find_target_modules, layer_index, linear_names
 
 __all__ = [
     "ADAPTER_TENSORS",
     "DENSE_MODES",
+    "EXPERT_COMPUTE_MODES",
     "INIT_MODES",
     "REGULARIZERS",
     "REGULARIZER_MODES",
     "ROUTING_MODES",
+    "SPARSE_MAX_DENSITY",
     "TOPK_MODES",
     "MoELoRAConfig",
     "MoELoRALinear",
@@ -65,4 +77,6 @@ __all__ = [
     "route",
     "scale_anchor_loss",
     "set_training_progress",
+    "sparse_moe_lora_linear",
+    "use_sparse_experts",
 ]

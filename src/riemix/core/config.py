@@ -13,7 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MoELoRAConfig", "ROUTING_MODES", "TOPK_MODES", "DENSE_MODES", "INIT_MODES", "REGULARIZER_MODES"]
+__all__ = [
+    "MoELoRAConfig",
+    "ROUTING_MODES",
+    "TOPK_MODES",
+    "DENSE_MODES",
+    "INIT_MODES",
+    "REGULARIZER_MODES",
+    "EXPERT_COMPUTE_MODES",
+]
 
 #: Routing modes accepted by ``MoELoRAConfig.routing``.
 ROUTING_MODES = ("softmax_topk", "topk_softmax", "dense", "top_p", "global")
@@ -26,6 +34,9 @@ INIT_MODES = ("zero_b", "gaussian", "orthogonal", "pissa", "small_b")
 #: How regularisers reach the parameters (``riemix.core.regularizers.apply_regularizers``): added to the
 #: task loss, or their gradients injected straight into ``.grad``.
 REGULARIZER_MODES = ("loss", "inject")
+#: How a layer computes its experts (``MoELoRAConfig.expert_compute``): chosen by shape, every expert for
+#: every token, or only the selected (token, expert) pairs (``riemix.core.sparse``).
+EXPERT_COMPUTE_MODES = ("auto", "dense", "sparse")
 
 ExpertCount = int | Sequence[int] | Callable[[int], int]
 
@@ -78,6 +89,11 @@ class MoELoRAConfig:
             initialised to 1 (any routing mode; the SOSLoRA design pairs it with ``"global"``).
         scale_anchor_beta: Coefficient of the L2 pull of the expert scale vectors toward their initial
             value 1 (``riemix.core.regularizers.scale_anchor_loss``); needs ``expert_scales``.
+        expert_compute: ``"dense"`` (every expert for every token, gates zero where unselected),
+            ``"sparse"`` (only the selected token-expert pairs; needs a routing that selects:
+            ``softmax_topk``, ``topk_softmax``, ``top_p``) or ``"auto"`` (sparse when the routing selects
+            and top_k <= E/8, see ``riemix.core.sparse.use_sparse_experts``). Same values and gradients
+            either way (up to rounding); only the speed differs.
     """
 
     num_experts: ExpertCount = 8
@@ -99,6 +115,7 @@ class MoELoRAConfig:
     top_p: float = 1.0
     expert_scales: bool = False
     scale_anchor_beta: float = 0.0
+    expert_compute: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_experts, bool):
@@ -180,6 +197,12 @@ class MoELoRAConfig:
             raise ValueError(
                 f"scale_anchor_beta needs expert_scales=True, "
                 f"got scale_anchor_beta={self.scale_anchor_beta!r}"
+            )
+        if self.expert_compute not in EXPERT_COMPUTE_MODES:
+            raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE_MODES}, got {self.expert_compute!r}")
+        if self.expert_compute == "sparse" and self.routing in DENSE_MODES:
+            raise ValueError(
+                f"expert_compute='sparse' needs a routing that selects experts, got routing={self.routing!r}"
             )
 
     def _static_min_experts(self) -> int | None:

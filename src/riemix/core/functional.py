@@ -10,7 +10,9 @@ wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ).
 - ``moe_lora_linear`` runs ``_MoELoRAFunction``: all experts from stacked tensors (h = x̃·A_catᵀ has width
   E·r, is gate-weighted per expert block and multiplied by B_catᵀ), the router logits sharing the matmul
   over x with A when there is no dropout, and a hand-written backward that applies cᵢ without a second
-  pass over B.
+  pass over B.  When only a few experts are active per token (``expert_compute``, see
+  ``riemix.core.sparse.use_sparse_experts``) it hands over to ``riemix.core.sparse``, which computes the
+  selected (token, expert) pairs only, with the same math.
 - ``reference_moe_lora_linear`` is the readable version: a loop over experts with ordinary autograd.
   Tests compare the two in every routing mode (see docs/math.md).
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from riemix.core.routing import gate_grad_coefficients, gate_multiplier, route, softmax_gate_backward
+from riemix.core.sparse import sparse_moe_lora_linear, use_sparse_experts
 
 __all__ = ["RouteSpec", "moe_lora_linear", "reference_moe_lora_linear"]
 
@@ -196,6 +199,7 @@ def moe_lora_linear(
     temperature: float = 1.0,
     top_p: float = 1.0,
     noise: torch.Tensor | None = None,
+    expert_compute: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional MoE-LoRA linear: ``y = x Wᵀ + b + s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃`` with gate-rescaled gradients.
 
@@ -220,12 +224,21 @@ def moe_lora_linear(
         temperature: router temperature T > 0.
         top_p: mass threshold of ``routing="top_p"``.
         noise: optional ``(N, E)`` selection noise (noisy top-k; gate values use the clean logits).
+        expert_compute: ``"dense"`` (every expert, the fused node above), ``"sparse"`` (the selected
+            pairs only, ``riemix.core.sparse``) or ``"auto"`` (``use_sparse_experts`` decides by shape).
 
     Returns:
         ``(y, logits, gates)``: ``(N, out)`` output, ``(N, E)`` router logits (differentiable) and
         ``(N, E)`` fp32 gates (not differentiable; for diagnostics).
+
+    Raises:
+        ValueError: for an unknown ``expert_compute``, or ``"sparse"`` with ``dense``/``global`` routing.
     """
     spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
+    if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0]):
+        return sparse_moe_lora_linear(
+            x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise
+        )
     return _MoELoRAFunction.apply(
         x,
         x_drop,
@@ -244,13 +257,14 @@ def moe_lora_linear(
 def reference_moe_lora_linear(  # the signature of moe_lora_linear
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     routing: str, top_k: int, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None,
-    temperature: float = 1.0, top_p: float = 1.0, noise: Tensor | None = None,
+    temperature: float = 1.0, top_p: float = 1.0, noise: Tensor | None = None, expert_compute: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``moe_lora_linear`` written plainly: a loop over experts with ordinary autograd (slow; the spec).
 
     Expert i contributes s·wᵢ with wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ), eᵢ = x̃ Aᵢᵀ Bᵢᵀ and
     cᵢ = stopgrad(gᵢ^p): the value is s·gᵢ·eᵢ, the gradient reaching Aᵢ, Bᵢ and x̃ is weighted by cᵢ and
-    the gate receives s·⟨∂L/∂y, eᵢ⟩.  Same arguments and results as ``moe_lora_linear``.
+    the gate receives s·⟨∂L/∂y, eᵢ⟩.  Same arguments and results as ``moe_lora_linear``
+    (``expert_compute`` is accepted and ignored: the loop is the spec of both paths).
     """
     expert_in = x if x_drop is None else x_drop  # (N, in)
     n, num_experts = x.shape[0], lora_a.shape[0]

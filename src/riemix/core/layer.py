@@ -21,6 +21,7 @@ from riemix.core.config import DENSE_MODES
 from riemix.core.functional import moe_lora_linear
 from riemix.core.init import initialise_layer
 from riemix.core.routing import route
+from riemix.core.sparse import use_sparse_experts
 
 __all__ = ["MoELoRALinear", "iter_moe_lora_layers"]
 
@@ -44,6 +45,8 @@ class MoELoRALinear(nn.Module):
         top_p: mass threshold of ``routing="top_p"``.
         init_info: how the last init went (``"joint"``/``"per_expert"`` for ``"orthogonal"``, else the
             init name).
+        expert_compute: ``"auto"``, ``"dense"`` or ``"sparse"`` (see ``MoELoRAConfig.expert_compute``);
+            ``sparse_experts`` says which path the layer takes.
         record_routing: when True, ``last_router_logits`` ``(N, E)`` and ``last_gates`` ``(N, E)`` keep the
             latest forward's routing (used by auxiliary losses and diagnostics).
     """
@@ -66,6 +69,7 @@ class MoELoRALinear(nn.Module):
         top_p: float = 1.0,
         expert_scales: bool = False,
         init_b_std: float = 1e-3,
+        expert_compute: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -86,6 +90,8 @@ class MoELoRALinear(nn.Module):
         self.top_p = float(top_p)
         self.init_b_std = float(init_b_std)
         self.init_info = init
+        use_sparse_experts(expert_compute, routing, self.top_k, num_experts)  # validates expert_compute
+        self.expert_compute = expert_compute
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -131,6 +137,11 @@ class MoELoRALinear(nn.Module):
             ValueError: for an unknown init or a repeated PiSSA init.
         """
         initialise_layer(self, init, router_init_std)
+
+    @property
+    def sparse_experts(self) -> bool:
+        """Whether the forward computes only the selected (token, expert) pairs (``riemix.core.sparse``)."""
+        return use_sparse_experts(self.expert_compute, self.routing, self.top_k, self.num_experts)
 
     def compute_gates(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and gates for flattened tokens (clean logits: no selection noise).
@@ -194,6 +205,7 @@ class MoELoRALinear(nn.Module):
                 temperature=self.router_temperature,
                 top_p=self.top_p,
                 noise=noise,
+                expert_compute=self.expert_compute,
             )  # (N, out), (N, E), (N, E)
         if self.record_routing:
             self.last_router_logits, self.last_gates = logits, gates
@@ -215,7 +227,8 @@ class MoELoRALinear(nn.Module):
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
-            f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}"
+            f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}, "
+            f"experts_computed={'sparse' if self.sparse_experts else 'dense'}"
         )
 
 

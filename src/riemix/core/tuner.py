@@ -128,6 +128,7 @@ def add_moe_lora(
             top_p=config.top_p,
             expert_scales=config.expert_scales,
             init_b_std=config.init_b_std,
+            expert_compute=config.expert_compute,
         )
         layer.scale_factor = scale_warmup_factor(0, config.scale_warmup_steps)
         layer.train(base.training)  # follow the wrapped module's mode (dropout / selection noise)

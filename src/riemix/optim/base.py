@@ -4,12 +4,15 @@ A step (``RiemannianOptimizer.step``) runs in this order:
 
 1. per group: take the grads of the params that have one, clip them out of place (``max_grad_norm``) and
    pass them through the subclass hook ``_prepare_grads`` (SGD's coupled weight decay);
-2. precondition the paired factors (``riemix.optim.precondition``) from the pre-step parameters;
+2. precondition the paired factors (``riemix.optim.precondition``) from the pre-step parameters; on CPU
+   each factor's product is left to the update (a ``DeferredGrad`` in the grads it receives), which
+   writes it where it reads it;
 3. per group: the subclass's elementwise update (``_update_group``).
 
 With ``reference_compat``, AdamW defers B: its preconditioner is built and applied after A was updated.
-``.grad`` is never modified. On CPU the optimizer keeps one scratch buffer per preconditioned factor
-between steps (about the size of the LoRA factors; not part of the state_dict).
+``.grad`` is never modified. The optimizer keeps the preconditioner's plan (its Gram and inverse buffers,
+and the buffers of preconditioned gradients the update asks for) between steps; it is not part of the
+state_dict.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from riemix.optim.precondition import Job, precondition_grads_
+from riemix.optim.precondition import DeferredGrad, Job, precondition_grads_
 
 __all__ = ["RiemannianOptimizer", "by_device_dtype", "check_option", "clip_grads", "validate_options"]
 
@@ -66,9 +69,9 @@ def validate_options(opts: dict[str, Any]) -> None:
         raise ValueError("Invalid fused: True is not supported with reference_compat=True")
 
 
-def by_device_dtype(params: list[Tensor], grads: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+def by_device_dtype(params: list[Tensor], grads: list) -> list[tuple[list[Tensor], list]]:
     """Split aligned ``params``/``grads`` lists into buckets of one (device, dtype) each, in first-seen order."""
-    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    buckets: dict[tuple, tuple[list[Tensor], list]] = defaultdict(lambda: ([], []))
     for p, g in zip(params, grads, strict=True):
         ps, gs = buckets[(p.device, p.dtype)]
         ps.append(p)
@@ -144,7 +147,8 @@ class RiemannianOptimizer(Optimizer):
         super().__init__(params, defaults)
         owned = {p for group in self.param_groups for p in group["params"]}
         self._pairs: list[tuple[Tensor, Tensor]] = _register_pairs(lora_pairs, owned)
-        self._buffers: dict[Any, Tensor] = {}  # CPU scratch, reused across steps; not in state_dict
+        self._plans: dict[tuple, Any] = {}  # preconditioner plans and their buffers; not in state_dict
+        self._scratch: dict[tuple, Tensor] = {}  # the update's own reusable buffers; not in state_dict
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_pairs": self._pairs}
@@ -152,7 +156,7 @@ class RiemannianOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pairs", [])
-        self._buffers = {}
+        self._plans, self._scratch = {}, {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         validate_options({**self.defaults, **param_group})
@@ -162,7 +166,8 @@ class RiemannianOptimizer(Optimizer):
         """Hook applied to the (clipped) raw grads before preconditioning."""
         return grads
 
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor | DeferredGrad]) -> None:
+        """The elementwise update of ``params``; a ``DeferredGrad`` grad is computed by reading it."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -181,15 +186,15 @@ class RiemannianOptimizer(Optimizer):
                 loss = closure()
         grads = self._working_grads()
         now, later = self._jobs(grads)
-        precondition_grads_(now, grads, self._buffers)
-        deferred = {job.param for job in later}
-        self._apply(grads, lambda p: p not in deferred)
+        precondition_grads_(now, grads, self._plans, defer=True)
+        later_params = {job.param for job in later}
+        self._apply(grads, (lambda p: p not in later_params) if later else None)
         if later:  # reference_compat: B's preconditioner from the already-updated A
-            precondition_grads_(later, grads, self._buffers)
-            self._apply(grads, lambda p: p in deferred)
+            precondition_grads_(later, grads, self._plans, defer=True)
+            self._apply(grads, lambda p: p in later_params)
         return loss
 
-    def _working_grads(self) -> dict[Tensor, Tensor]:
+    def _working_grads(self) -> dict[Tensor, Tensor | DeferredGrad]:
         """param -> its clipped, prepared grad, for every param that has one (``p.grad`` is never mutated)."""
         grads: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
@@ -204,7 +209,7 @@ class RiemannianOptimizer(Optimizer):
             grads.update(zip(params, self._prepare_grads(group, params, gs), strict=True))
         return grads
 
-    def _jobs(self, grads: dict[Tensor, Tensor]) -> tuple[list[Job], list[Job]]:
+    def _jobs(self, grads: dict[Tensor, Tensor | DeferredGrad]) -> tuple[list[Job], list[Job]]:
         """The factors to precondition now and, for deferred B factors (reference_compat), after the update.
 
         ``reg`` comes from the A factor's group; whether a factor is preconditioned (and deferred) from its
@@ -222,8 +227,9 @@ class RiemannianOptimizer(Optimizer):
                 (later if defer else now).append(Job(b, a, False, reg))
         return now, later
 
-    def _apply(self, grads: dict[Tensor, Tensor], keep: Callable[[Tensor], bool]) -> None:
+    def _apply(self, grads: dict[Tensor, Tensor | DeferredGrad], keep: Callable[[Tensor], bool] | None) -> None:
+        """``_update_group`` on every group's params that have a grad (and pass ``keep``, when given)."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if p in grads and keep(p)]
+            params = [p for p in group["params"] if p in grads and (keep is None or keep(p))]
             if params:
                 self._update_group(group, params, [grads[p] for p in params])

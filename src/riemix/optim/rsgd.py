@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from riemix.optim.base import RiemannianOptimizer, by_device_dtype
+from riemix.optim.precondition import DeferredGrad, resolve
 
 __all__ = ["RiemannianSGD"]
 
@@ -65,21 +66,45 @@ class RiemannianSGD(RiemannianOptimizer):
             return list(torch._foreach_add(grads, params, alpha=wd))
         return grads
 
-    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        """``torch.optim.SGD``'s update (momentum, dampening, Nesterov) on preconditioned grads."""
+    def _update_group(self, group: dict, params: list[Tensor], grads: list[Tensor | DeferredGrad]) -> None:
+        """``torch.optim.SGD``'s update (momentum, dampening, Nesterov) on preconditioned grads.
+
+        A deferred preconditioned gradient goes straight into the momentum buffer (or, without momentum,
+        into the parameter) in the product that computes it: ``buf <- momentum·buf + (1 - dampening)·grad``
+        is one ``baddbmm`` per factor instead of a product and two passes over the buffer.
+        """
         lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
         wd = group["weight_decay"]
         for ps, gs in by_device_dtype(params, grads):
             if wd != 0 and group["reference_compat"]:
                 torch._foreach_mul_(ps, 1.0 - lr * wd)
-            if momentum != 0:
-                bufs = [self.state[p].get("momentum_buffer") for p in ps]
-                old = [(b, g) for b, g in zip(bufs, gs, strict=True) if b is not None]
-                if old:  # buf <- momentum * buf + (1 - dampening) * g, in two multi-tensor ops
-                    torch._foreach_mul_([b for b, _ in old], momentum)
-                    torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1.0 - dampening)
-                for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
-                    if bufs[i] is None:  # first step of this param: the buffer starts as the grad
-                        bufs[i] = self.state[p]["momentum_buffer"] = g.clone(memory_format=torch.contiguous_format)
-                gs = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
+            if momentum == 0:
+                rest = [(p, g) for p, g in zip(ps, gs, strict=True) if not _accumulated(g, p, 1.0, -lr)]
+                if rest:
+                    torch._foreach_add_([p for p, _ in rest], [resolve(g) for _, g in rest], alpha=-lr)
+                continue
+            if group["nesterov"]:  # the step needs the gradient itself
+                gs = [resolve(g) for g in gs]
+            bufs = [self.state[p].get("momentum_buffer") for p in ps]
+            old = []  # (buf, grad) pairs updated with multi-tensor ops
+            for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                if bufs[i] is None:  # first step of this param: the buffer starts as the grad
+                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    bufs[i] = self.state[p]["momentum_buffer"] = (
+                        g.into(buf) if isinstance(g, DeferredGrad) else buf.copy_(g)
+                    )
+                elif not _accumulated(g, bufs[i], momentum, 1.0 - dampening):
+                    old.append((bufs[i], resolve(g)))
+            if old:  # buf <- momentum * buf + (1 - dampening) * g, in two multi-tensor ops
+                torch._foreach_mul_([b for b, _ in old], momentum)
+                torch._foreach_add_([b for b, _ in old], [g for _, g in old], alpha=1.0 - dampening)
+            gs = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
             torch._foreach_add_(ps, gs, alpha=-lr)
+
+
+def _accumulated(g: Tensor | DeferredGrad, target: Tensor, beta: float, alpha: float) -> bool:
+    """``target <- beta·target + alpha·g`` when ``g`` is deferred and ``target`` contiguous; whether it ran."""
+    if isinstance(g, DeferredGrad) and target.is_contiguous():
+        g.accumulate_(target, beta, alpha)
+        return True
+    return False
