@@ -55,14 +55,16 @@ def forced_paths(moe: MoELoRALinear) -> dict[str, MoELoRALinear]:
         layer = MoELoRALinear(moe.base_layer, moe.num_experts, moe.rank, alpha=moe.alpha, top_k=moe.top_k,
                               gate_grad_power=moe.gate_grad_power, expert_compute=path)  # fmt: skip
         layer.load_state_dict(moe.state_dict())
-        out[f"riemix_{path}"] = layer.to(moe.lora_A.dtype)
+        out[f"riemix_{path}"] = layer.to(moe.lora_A.device, moe.lora_A.dtype)
     return out
 
 
 def build(args, dtype):
     torch.manual_seed(0)
-    base = nn.Linear(args.width, args.width, bias=False).to(dtype).requires_grad_(False)
-    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5).to(dtype)
+    device = getattr(args, "device", "cpu")
+    base = nn.Linear(args.width, args.width, bias=False).to(device, dtype).requires_grad_(False)
+    moe = MoELoRALinear(base, args.experts, args.rank, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5)
+    moe.to(device, dtype)
     with torch.no_grad():
         moe.lora_B.normal_(std=0.01)
     if getattr(args, "sparse_case", False):
@@ -78,7 +80,7 @@ def build(args, dtype):
         holder.proj.weight.data.copy_(base.weight.data)
         holder.forward = lambda x: holder.proj(x)
         lora_cfg = LoraConfig(r=args.experts * args.rank, lora_alpha=16, target_modules=["proj"], lora_dropout=0.0)
-        peft = get_peft_model(holder, lora_cfg).to(dtype)
+        peft = get_peft_model(holder, lora_cfg).to(device, dtype)
         with torch.no_grad():
             for name, param in peft.named_parameters():
                 if "lora_B" in name:
@@ -92,11 +94,14 @@ def build(args, dtype):
 def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
     """Interleaved fwd+bwd timings (seconds) of every candidate at the sizes in ``args``."""
     cands = build(args, dtype)
-    x = torch.randn(args.tokens, args.width, dtype=dtype, requires_grad=True)  # (T, in)
-    upstream = torch.randn(args.tokens, args.width, dtype=dtype)  # (T, out)
+    device = getattr(args, "device", "cpu")
+    x = torch.randn(args.tokens, args.width, dtype=dtype, device=device, requires_grad=True)  # (T, in)
+    upstream = torch.randn(args.tokens, args.width, dtype=dtype, device=device)  # (T, out)
 
     def fwd_bwd(name: str, _round: int) -> None:
         cands[name](x).backward(upstream)
+        if device == "cuda":
+            torch.cuda.synchronize()  # time the kernels, not their launch
 
     def clear_grad(_name: str) -> None:
         x.grad = None
@@ -137,6 +142,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--paths", action="store_true", help="add riemix_dense and riemix_sparse (forced paths)")
@@ -155,9 +161,10 @@ def main() -> None:
     times = measure(args, getattr(torch, args.dtype))
     med = medians(times)
     ratios = ratios_of(med)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(
         f"MoE-LoRA layer fwd+bwd: E={args.experts} top-k={args.top_k} r={args.rank} "
-        f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}"
+        f"in=out={args.width} tokens={args.tokens} {args.dtype}, median of {args.repeats}, {where}"
     )
     print(f"{'candidate':<14} {'ms':>9} {'vs base':>9}")
     for name in med:
@@ -182,7 +189,7 @@ def main() -> None:
         "layer_speed",
         args.quick,
         args.out,
-        tail=f"{'_sparse' if args.sparse_case else ''}_{args.dtype}",
+        tail=f"{'_sparse' if args.sparse_case else ''}_{args.dtype}{'_cuda' if args.device == 'cuda' else ''}",
     )
 
 

@@ -6,8 +6,9 @@ point is smaller than ``layer_speed.py``'s default so the whole sweep, bf16 incl
 on 2 CPU cores. Prints a table and writes ``benchmarks/results/layer_sweep.json``.
 
 ``--experts-sweep`` instead times the frozen base, the dense path and the sparse path (``expert_compute``
-forced; ``layer_speed.PATHS``) for E ∈ {8, 16, 32, 64, 128} at top-2, r=8 on 2048x2048 with 2048 tokens,
-fp32: how each path's time grows with E. Writes ``benchmarks/results/layer_sweep_experts.json``.
+forced; ``layer_speed.PATHS``) for E ∈ {8, 16, 32, 64, 128} at top-2, r=8 on 2048x2048 with 2048 tokens
+(fp32 on CPU unless ``--dtype``/``--device`` say otherwise): how each path's time grows with E.
+Writes ``benchmarks/results/layer_sweep_experts.json`` (``--out`` to override).
 
     python benchmarks/layer_sweep.py            # E, top-k, r and width sweeps in fp32, base point in bf16
     python benchmarks/layer_sweep.py --quick    # two tiny points
@@ -48,17 +49,19 @@ def points(quick: bool) -> list[tuple[str, dict, str]]:
     return out
 
 
-def experts_sweep(repeats: int, quick: bool) -> None:
-    """Base, dense and sparse path fwd+bwd times for each E at top-2, r=8 (fp32); print and write JSON."""
+def experts_sweep(
+    repeats: int, quick: bool, device: str = "cpu", dtype: str = "float32", out: str | None = None
+) -> None:
+    """Base, dense and sparse path fwd+bwd times for each E at top-2, r=8; print and write JSON."""
     point = {**EXPERTS_POINT, "width": 128, "tokens": 128} if quick else dict(EXPERTS_POINT)
     print(f"{'E':>4} {'base ms':>8} {'dense ms':>9} {'sparse ms':>10} {'dense/base':>10} {'sparse/base':>11}")
     rows = []
     for experts in EXPERTS[:2] if quick else EXPERTS:
         sizes = {"experts": experts, **point}
-        args = SimpleNamespace(**sizes, repeats=3 if quick else repeats, sparse_case=True)
-        med = medians(measure(args, torch.float32))
+        args = SimpleNamespace(**sizes, repeats=3 if quick else repeats, sparse_case=True, device=device)
+        med = medians(measure(args, getattr(torch, dtype)))
         assert list(med) == list(PATHS)
-        rows.append({**sizes, "dtype": "float32", "median_seconds": med, **ratios_of(med)})
+        rows.append({**sizes, "dtype": dtype, "median_seconds": med, **ratios_of(med)})
         ms = [1e3 * med[name] for name in PATHS]
         print(
             f"{experts:4d} {ms[0]:8.1f} {ms[1]:9.1f} {ms[2]:10.1f} "
@@ -66,7 +69,9 @@ def experts_sweep(repeats: int, quick: bool) -> None:
             flush=True,
         )
     record = {**record_header("layer_sweep_experts"), "fixed": point, "repeats": repeats, "points": rows}
-    write_record(record, "layer_sweep_experts", quick)
+    if device == "cuda":
+        record["device"] = torch.cuda.get_device_name()
+    write_record(record, "layer_sweep_experts", quick, out)
 
 
 def main() -> None:
@@ -74,9 +79,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--experts-sweep", action="store_true", help="base vs dense vs sparse path across E")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="--experts-sweep only")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="--experts-sweep only")
+    parser.add_argument("--out", default=None, help="--experts-sweep only: JSON output path")
     args = parser.parse_args()
     if args.experts_sweep:
-        experts_sweep(args.repeats, args.quick)
+        experts_sweep(args.repeats, args.quick, args.device, args.dtype, args.out)
         return
     rows = []
     header = f"{'varied':<8} {'E':>3} {'k':>3} {'r':>3} {'width':>6} {'dtype':<9} {'base ms':>8} " + (

@@ -117,3 +117,42 @@ def test_fused_skips_gradients_of_inputs_that_do_not_need_them():
     ga_ref, gr_ref = torch.autograd.grad(y_ref.sum() + logits_ref.sum(), [t["lora_a"], t["router"]])
     torch.testing.assert_close(ga, ga_ref)
     torch.testing.assert_close(gr, gr_ref)
+
+
+def _saved_bytes_beyond_inputs(fn, x: torch.Tensor, params: list[torch.Tensor]) -> tuple[int, list]:
+    """Bytes of the distinct storages a forward saves for backward, other than x's and the params'."""
+    skip = {t.untyped_storage().data_ptr() for t in (x, *params)}
+    seen: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen.setdefault(storage.data_ptr(), (tuple(t.shape), t.dtype, storage.nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(v[2] for v in seen.values()), list(seen.values())
+
+
+@pytest.mark.parametrize("expert_compute", ["dense", "sparse"])
+def test_training_forward_keeps_less_than_a_lora_of_the_active_rank(expert_compute):
+    """Beyond x and the parameters, a top-k layer keeps k gates and k indices per token (dense path:
+    fp32 values + uint8 indices, 5 bytes; sparse path: fp32 gate + int32 token index per pair, 8 bytes),
+    while a LoRA of rank k·r keeps its (N, k·r) hidden activations (4·k·r bytes per token in fp32)."""
+    n, d, e, k, r = 64, 32, 8, 2, 4
+    torch.manual_seed(0)
+    x = torch.randn(n, d, requires_grad=True)
+    weight, a, b, router = torch.randn(d, d), torch.randn(e, r, d), torch.randn(e, d, r), torch.randn(e, d)
+    params = [weight, *(t.requires_grad_() for t in (a, b, router))]
+
+    def run():
+        return moe_lora_linear(
+            x, weight, None, a, b, router, "softmax_topk", k, 0.5, 2.0, expert_compute=expert_compute
+        )
+
+    got, storages = _saved_bytes_beyond_inputs(run, x, params)
+    per_pair = 5 if expert_compute == "dense" else 8
+    assert got == n * k * per_pair, storages
+    lora_rank_kr = n * k * r * x.element_size()  # what a LoRA of rank k·r saves beyond x: its (N, k·r) hidden
+    assert got < lora_rank_kr

@@ -10,7 +10,9 @@ wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ).
 - ``moe_lora_linear`` runs ``_MoELoRAFunction``: all experts from stacked tensors (h = x̃·A_catᵀ has width
   E·r, is gate-weighted per expert block and multiplied by B_catᵀ), the router logits sharing the matmul
   over x with A when there is no dropout, and a hand-written backward that applies cᵢ without a second
-  pass over B.  When only a few experts are active per token (``expert_compute``, see
+  pass over B.  It keeps only the gates (k values and indices per token) for the backward, which
+  recomputes h; with gradients off (inference) the same forward runs without an autograd node.  When only
+  a few experts are active per token (``expert_compute``, see
   ``riemix.core.sparse.use_sparse_experts``) it hands over to ``riemix.core.sparse``, which computes the
   selected (token, expert) pairs only, with the same math.
 - ``reference_moe_lora_linear`` is the readable version: a loop over experts with ordinary autograd.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from riemix.core.config import DENSE_MODES
 from riemix.core.routing import gate_grad_coefficients, gate_multiplier, route, softmax_gate_backward
 from riemix.core.sparse import sparse_moe_lora_linear, use_sparse_experts
 
@@ -73,6 +76,7 @@ class _Meta(NamedTuple):
     num_experts: int
     rank: int
     scaling: float
+    power: float
     has_bias: bool
     is_global: bool
     temperature: float
@@ -94,38 +98,73 @@ def _shared_x(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def _compact_gates(gates: Tensor, spec: RouteSpec) -> tuple[Tensor, Tensor | None]:
+    """The gates as the backward needs them: ``(values, index)`` of the k largest, or ``(gates, None)``.
+
+    A routing that selects (top-k, top-p) leaves at most k nonzero gates per token, so the (N, k) largest
+    values and their expert indices (uint8 for E <= 256, else int16/int32) rebuild the (N, E) gates exactly
+    (the unselected are 0; a tie among zeros picks any of them, with the same result).  ``dense`` and
+    ``global`` routing keep the full (N, E) gates.
+    """
+    num_experts = gates.shape[1]
+    if spec.mode in DENSE_MODES or spec.top_k >= num_experts:
+        return gates, None
+    values, index = gates.topk(spec.top_k, dim=1)  # (N, k), (N, k)
+    small = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 32767 else torch.int32
+    return values, index.to(small)
+
+
+def _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling):
+    """The dense forward: ``(y, logits, gates)``, every expert computed for every token."""
+    n = x.shape[0]  # x: (N, in)
+    e, r, d_in = lora_a.shape  # lora_a: (E, r, in)
+    d_out = lora_b.shape[1]  # lora_b: (E, out, r)
+    a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in)
+    b_cat = lora_b.permute(1, 0, 2).reshape(d_out, e * r)  # (out, E·r)
+    is_global = spec.mode == "global"
+    experts_read_x = x_drop is None
+    # One pass over x for whatever reads it: [A_cat; router] without dropout (per-token routing).
+    w_cat = _shared_x(a_cat, router_w, experts_read_x, is_global, dim=0)  # (K, in) or None
+    hx = None if w_cat is None else x @ w_cat.t()  # (N, K)
+    split = e * r if experts_read_x else 0  # where the router columns of hx start
+    h = hx[:, :split] if experts_read_x else x_drop @ a_cat.t()  # (N, E·r)
+    if is_global:  # router_w: (E,) per-layer gate logits, the same for every token
+        logits = router_w.unsqueeze(0).expand(n, e).contiguous()  # (N, E)
+    else:
+        logits = hx[:, split:].contiguous()  # (N, E)
+    gates, _ = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
+    y = F.linear(x, weight, bias)  # (N, out)
+    u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
+    y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
+    return y, logits, gates
+
+
 class _MoELoRAFunction(torch.autograd.Function):
-    """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``."""
+    """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``.
+
+    What a training forward keeps for the backward, besides its inputs (x, which any LoRA keeps, and the
+    parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token).
+    h = x̃ A_catᵀ is recomputed in the backward (one (N, in) x (in, E·r) product, E·r / (3·out) of the
+    base layer's fwd+bwd work: 1-4% at the benchmarked shapes), the coefficients cᵢ = gᵢ^p from the gates,
+    and the stacked weights from the parameters.  So a layer keeps less than a PEFT LoRA of its active
+    rank k·r, which keeps (N, k·r) (``benchmarks/layer_memory.py``).
+    """
 
     @staticmethod
     def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling):  # noqa: D102
         ctx.set_materialize_grads(False)
-        n = x.shape[0]  # x: (N, in)
-        e, r, d_in = lora_a.shape  # lora_a: (E, r, in)
-        d_out = lora_b.shape[1]  # lora_b: (E, out, r)
-        a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in)
-        b_cat = lora_b.permute(1, 0, 2).reshape(d_out, e * r)  # (out, E·r)
+        y, logits, gates = _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling)
+        e, r = lora_a.shape[:2]  # lora_a: (E, r, in)
         is_global = spec.mode == "global"
-        experts_read_x = x_drop is None
-        # One pass over x for whatever reads it: [A_cat; router] without dropout (per-token routing).
-        w_cat = _shared_x(a_cat, router_w, experts_read_x, is_global, dim=0)  # (K, in) or None
-        hx = None if w_cat is None else x @ w_cat.t()  # (N, K)
-        split = e * r if experts_read_x else 0  # where the router columns of hx start
-        h = hx[:, :split] if experts_read_x else x_drop @ a_cat.t()  # (N, E·r)
-        if is_global:  # router_w: (E,) per-layer gate logits, the same for every token
-            logits = router_w.unsqueeze(0).expand(n, e).contiguous()  # (N, E)
-        else:
-            logits = hx[:, split:].contiguous()  # (N, E)
-        gates, _ = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
-        coef = gate_grad_coefficients(gates, power)  # (N, E)
-        y = F.linear(x, weight, bias)  # (N, out)
-        u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
-        y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
-        ctx.save_for_backward(x, x_drop, weight, a_cat, b_cat, w_cat, h, gates, coef)
+        # Saved: the inputs (x is kept by any LoRA; the rest are parameters) and the gates, compactly.
+        # h is recomputed in the backward, b_cat and w_cat rebuilt from the parameters (see the class doc).
+        values, index = _compact_gates(gates, spec)  # (N, k) and (N, k) or (N, E) and None
+        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, values, index)
         ctx.meta = _Meta(
             num_experts=e,
             rank=r,
             scaling=scaling,
+            power=power,
             has_bias=bias is not None,
             is_global=is_global,
             temperature=spec.temperature,
@@ -136,13 +175,19 @@ class _MoELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_logits, _grad_gates):  # noqa: D102
-        x, x_drop, weight, a_cat, b_cat, w_cat, h, gates, coef = ctx.saved_tensors
+        x, x_drop, weight, lora_a, lora_b, router_w, values, index = ctx.saved_tensors
         meta: _Meta = ctx.meta
         e, r, s = meta.num_experts, meta.rank, meta.scaling
         n, d_in = x.shape
         need = _Inputs(*ctx.needs_input_grad)
         dtype = x.dtype
         experts_read_x = x_drop is None
+        a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in), a view
+        b_cat = lora_b.permute(1, 0, 2).reshape(-1, e * r)  # (out, E·r)
+        w_cat = _shared_x(a_cat, router_w, experts_read_x, meta.is_global, dim=0)  # (K, in) or None
+        h = (x if experts_read_x else x_drop) @ a_cat.t()  # (N, E·r): recomputed, not saved
+        gates = values if index is None else values.new_zeros(n, e).scatter_(1, index.long(), values)  # (N, E)
+        coef = gate_grad_coefficients(gates, meta.power)  # (N, E)
         if grad_y is None:
             grad_y = torch.zeros(n, b_cat.shape[0], dtype=dtype, device=x.device)
         du = grad_y @ b_cat  # (N, E·r): ∂L/∂(gated h), without s
@@ -239,19 +284,10 @@ def moe_lora_linear(
         return sparse_moe_lora_linear(
             x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise
         )
-    return _MoELoRAFunction.apply(
-        x,
-        x_drop,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        router_weight,
-        noise,
-        spec,
-        float(gate_grad_power),
-        float(scaling),
-    )
+    tensors = (x, x_drop, weight, bias, lora_a, lora_b, router_weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _MoELoRAFunction.apply(*tensors, noise, spec, float(gate_grad_power), float(scaling))
+    return _dense_forward(*tensors, noise, spec, float(scaling))  # inference: no autograd node, nothing kept
 
 
 def reference_moe_lora_linear(  # the signature of moe_lora_linear

