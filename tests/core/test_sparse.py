@@ -157,6 +157,12 @@ def test_auto_selection(compute, routing, top_k, experts, want):
     assert use_sparse_experts(compute, routing, top_k, experts) is want
 
 
+def test_auto_stays_dense_on_accelerators_and_forcing_still_works():
+    assert use_sparse_experts("auto", "softmax_topk", 2, 64, "cpu")
+    assert not use_sparse_experts("auto", "softmax_topk", 2, 64, "cuda")
+    assert use_sparse_experts("sparse", "softmax_topk", 2, 64, "cuda")
+
+
 def test_auto_threshold_keeps_the_default_adapter_dense():
     cfg = MoELoRAConfig()
     assert cfg.expert_compute == "auto" and cfg.top_k > SPARSE_MAX_DENSITY * cfg.num_experts

@@ -280,7 +280,7 @@ def moe_lora_linear(
         ValueError: for an unknown ``expert_compute``, or ``"sparse"`` with ``dense``/``global`` routing.
     """
     spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
-    if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0]):
+    if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0], x.device.type):
         return sparse_moe_lora_linear(
             x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise
         )

@@ -141,7 +141,9 @@ class MoELoRALinear(nn.Module):
     @property
     def sparse_experts(self) -> bool:
         """Whether the forward computes only the selected (token, expert) pairs (``riemix.core.sparse``)."""
-        return use_sparse_experts(self.expert_compute, self.routing, self.top_k, self.num_experts)
+        return use_sparse_experts(
+            self.expert_compute, self.routing, self.top_k, self.num_experts, self.lora_A.device.type
+        )
 
     def compute_gates(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and gates for flattened tokens (clean logits: no selection noise).

@@ -34,19 +34,24 @@ __all__ = ["SPARSE_MAX_DENSITY", "sparse_moe_lora_linear", "use_sparse_experts"]
 SPARSE_MAX_DENSITY = 0.125
 
 
-def use_sparse_experts(expert_compute: str, routing: str, top_k: int, num_experts: int) -> bool:
+def use_sparse_experts(
+    expert_compute: str, routing: str, top_k: int, num_experts: int, device_type: str = "cpu"
+) -> bool:
     """Whether a layer computes only the selected experts (True) or every expert (False).
 
-    ``"dense"``/``"sparse"`` force the path; ``"auto"`` takes the sparse one when the routing selects
-    experts (``softmax_topk``, ``topk_softmax``, ``top_p``) and at most ``SPARSE_MAX_DENSITY`` of them
-    are active per token (top_k / E; for ``top_p``, top_k is the cap).  The default adapter (E = 8,
-    top-2) stays dense.
+    ``"dense"``/``"sparse"`` force the path; ``"auto"`` takes the sparse one on CPU when the routing
+    selects experts (``softmax_topk``, ``topk_softmax``, ``top_p``) and at most ``SPARSE_MAX_DENSITY`` of
+    them are active per token (top_k / E; for ``top_p``, top_k is the cap).  The default adapter (E = 8,
+    top-2) stays dense.  On accelerators ``"auto"`` stays dense: the sparse path's per-expert products
+    are small kernels launched one by one, measured 5-17x slower than the dense path on an H100 at
+    E = 8..128, top-2, r = 8 (``benchmarks/gpu_check.sh``; a grouped-GEMM kernel would change that).
 
     Args:
         expert_compute: ``"auto"``, ``"dense"`` or ``"sparse"``.
         routing: the routing mode.
         top_k: experts kept per token (the cap of ``"top_p"``).
         num_experts: E.
+        device_type: where the layer's tensors live (``"cpu"``, ``"cuda"``, ...).
 
     Raises:
         ValueError: for an unknown ``expert_compute``, or ``"sparse"`` with a routing that selects nothing.
@@ -57,7 +62,7 @@ def use_sparse_experts(expert_compute: str, routing: str, top_k: int, num_expert
         raise ValueError(f"expert_compute='sparse' needs a routing that selects experts, got routing={routing!r}")
     if expert_compute != "auto":
         return expert_compute == "sparse"
-    return routing not in DENSE_MODES and top_k <= SPARSE_MAX_DENSITY * num_experts
+    return device_type == "cpu" and routing not in DENSE_MODES and top_k <= SPARSE_MAX_DENSITY * num_experts
 
 
 class _Pairs(NamedTuple):
