@@ -7,165 +7,15 @@ Every number in the document comes from a committed JSON file, so the docs can b
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
-from pathlib import Path
 
 from lib.harness import RESULTS, script_parser
+from lib.render import DOC, IMG, bar, load, machine, table
+from lib.speed_sections import speed_sections
 from lib.stats import pct
 from quality_compare import CANDIDATES, result_stem, sweep_runs
 
-from riemix.io.fileio import atomic_write, atomic_write_text
-
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
-IMG = ROOT / "docs" / "img"
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _bar(path: Path, labels: list[str], values: list[float], title: str, xlabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(labels)))
-    ax.barh(labels, values, color="#4c72b0")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.3g}", va="center")
-    ax.invert_yaxis()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def _table(header: list[str], rows: Iterable[Iterable[str]], left: int = 1) -> list[str]:
-    """A Markdown table's lines: the first ``left`` columns left-aligned, the others right-aligned (numbers)."""
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * left + "---:|" * (len(header) - left),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def _machine(rec: dict) -> str:
-    m = rec["machine"]
-    return f"{rec['date'][:10]}, {m['platform']}, {m['cpu_threads']} threads, torch {m['torch']}"
-
-
-def layer_section(rec: dict) -> list[str]:
-    a, med = rec["args"], rec["median_seconds"]
-    lines = [
-        "## Layer: forward + backward of one MoE-LoRA layer",
-        "",
-        f"`benchmarks/layer_speed.py`: E={a['experts']}, top-k={a['top_k']}, r={a['rank']}, "
-        f"in=out={a['width']}, {a['tokens']} tokens, {a['dtype']}, median of {a['repeats']} interleaved repeats "
-        f"({_machine(rec)}).",
-        "",
-        *_table(
-            ["candidate", "ms", "vs frozen base"],
-            ([n, f"{1e3 * t:.1f}", f"{t / med['base']:.2f}x"] for n, t in med.items()),
-        ),
-        "",
-    ]
-    targets = {"riemix_over_base": "<= 1.3", "loop_over_riemix": ">= 8", "riemix_over_peft_lora": "<= 1.1"}
-    lines += _table(
-        ["ratio", "measured", "target"], ([k, f"{v:.2f}", targets.get(k, "")] for k, v in rec["ratios"].items())
-    )
-    lines += [
-        "",
-        f"No adapter can beat the frozen base, so loop/riemix is bounded by loop/base = "
-        f"{med['loop'] / med['base']:.2f} on this shape: the >= 8x target is out of reach here whatever the "
-        "adapter costs (the loop's own overhead over the base is "
-        f"{(med['loop'] - med['base']) / max(med['riemix'] - med['base'], 1e-9):.0f}x riemix's).",
-    ]
-    _bar(IMG / "layer_speed.png", list(med), [1e3 * t for t in med.values()], "MoE-LoRA layer fwd+bwd", "ms")
-    return lines + ["", "![layer speed](img/layer_speed.png)", ""]
-
-
-def layer_sweep_section(rec: dict) -> list[str]:
-    b = rec["base_point"]
-    lines = [
-        "### Layer speed across sizes and dtypes",
-        "",
-        f"`benchmarks/layer_sweep.py`: one factor at a time around E={b['experts']}, top-k={b['top_k']}, "
-        f"r={b['rank']}, in=out={b['width']}, {b['tokens']} tokens; median of {rec['repeats']} interleaved repeats "
-        f"({_machine(rec)}). `peft` is PEFT LoRA of rank E·r.",
-        "",
-        "| varied | E | k | r | width | dtype | base ms | riemix/base | loop/riemix | riemix/peft |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for p in rec["points"]:
-        peft = p["riemix_over_peft_lora"]
-        lines.append(
-            f"| {p['varied']} | {p['experts']} | {p['top_k']} | {p['rank']} | {p['width']} | {p['dtype']} | "
-            f"{1e3 * p['median_seconds']['base']:.1f} | {p['riemix_over_base']:.2f} | {p['loop_over_riemix']:.2f} | "
-            f"{'-' if peft is None else f'{peft:.2f}'} |"
-        )
-    return lines + [
-        "",
-        "This CPU has no bf16 matrix units (no AVX512-BF16/AMX), so bf16 matmuls run far slower than fp32 and "
-        "the bf16 rows mostly measure that; they show the layer works in bf16, not how fast it would be on "
-        "bf16 hardware.",
-        "",
-    ]
-
-
-def optimizer_section(rec: dict) -> list[str]:
-    a, med = rec["args"], rec["median_seconds"]
-    lines = [
-        "## Optimizer step",
-        "",
-        f"`benchmarks/optimizer_speed.py`: {a['layers']} layers x E={a['experts']} experts x rank {a['rank']}, "
-        f"width {a['width']}, plus routers (clipped), fp32, median of {a['repeats']} ({_machine(rec)}).",
-        "",
-        *_table(["candidate", "ms/step"], ([n, f"{1e3 * t:.1f}"] for n, t in med.items())),
-        "",
-        *_table(["ratio", "measured"], ([k, f"{v:.2f}"] for k, v in rec["ratios"].items())),
-    ]
-    _bar(IMG / "optimizer_speed.png", list(med), [1e3 * t for t in med.values()], "Optimizer step", "ms")
-    return lines + [
-        "",
-        "Target: RiemannianAdamW <= 1.5x torch AdamW (foreach). `riemix_radamw` runs its elementwise update in "
-        "torch's fused AdamW kernel (its default); `riemix_radamw_foreach` is the same optimizer with "
-        "`fused=False`, and `torch_adamw_fused` is torch's own fused AdamW, so the preconditioning cost on its own "
-        "is riemix_radamw − torch_adamw_fused.",
-        "",
-        "![optimizer speed](img/optimizer_speed.png)",
-        "",
-    ]
-
-
-def e2e_section(rec: dict) -> list[str]:
-    tps, mem = rec["tokens_per_s"], rec.get("memory", {})
-    lines = [
-        "## End-to-end training throughput (SmolLM2-135M)",
-        "",
-        f"`benchmarks/e2e_throughput.py`: ARC-Easy cloze batches of {rec['args']['batch_size']}, "
-        f"{rec['args']['steps']} interleaved timed steps per candidate ({_machine(rec)}).",
-        "",
-    ]
-    rows = []
-    for n, v in tps.items():
-        m = mem.get(n, {}).get("peak_rss_growth_mib")
-        rows.append([n, f"{v:.0f}", f"{v / tps['peft_lora_r16']:.2f}", "" if m is None else f"{m:.0f}"])
-    lines += _table(["candidate", "tokens/s", "vs PEFT LoRA r=16", "peak RSS growth (MiB)"], rows)
-    lines += [
-        "",
-        f"MixLoRA: {rec['mixlora']}",
-        "",
-        "Target: riemix 20/10/4 >= 0.85x PEFT LoRA r=16 tokens/s.",
-        "",
-    ]
-    _bar(IMG / "e2e_throughput.png", list(tps), list(tps.values()), "Training throughput", "tokens/s")
-    return lines + ["![throughput](img/e2e_throughput.png)", ""]
+from riemix.io.fileio import atomic_write_text
 
 
 def _lrs(lrs: dict[str, float]) -> str:
@@ -178,9 +28,9 @@ def default_job_section(rec: dict) -> list[str]:
         "## The default job against PEFT LoRA (SST-2 dev, 872 sentences)",
         "",
         f"`benchmarks/default_job_vs_peft.py`: SmolLM2-135M-Instruct, {rec['steps']} steps of batch 16, "
-        f"same batches, prompt and evaluation ({_machine(rec)}).",
+        f"same batches, prompt and evaluation ({machine(rec)}).",
         "",
-        *_table(
+        *table(
             ["candidate", "dev accuracy", "train seconds"],
             ([name, f"{r['accuracy']:.4f}", f"{r['train_seconds']:.0f}"] for name, r in res.items()),
         ),
@@ -202,7 +52,7 @@ def tune_section(rec: dict) -> list[str]:
         "`benchmarks/tune_default_job.py`: trained on 90% of the packaged SST-2 train subset, scored on 400 "
         "held-out *train* sentences (never on dev).",
         "",
-        *_table(
+        *table(
             ["lr", "held-out accuracy", "train seconds"],
             ([f"{r['lr']:.0e}", f"{r['heldout_accuracy']:.4f}", f"{r['train_seconds']:.0f}"] for r in rec["runs"]),
             left=0,
@@ -399,7 +249,7 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
     lines = [
         f"### {title}",
         "",
-        f"`benchmarks/quality_compare.py --task {a['task']} --model {a['model']}` ({_machine(rec)}): "
+        f"`benchmarks/quality_compare.py --task {a['task']} --model {a['model']}` ({machine(rec)}): "
         f"{a['steps']} steps x batch {a['batch_size']}"
         + (f", sequences cut to {a['max_length']} tokens" if a.get("max_length") else "")
         + ", linear decay, same batches for every candidate; "
@@ -469,7 +319,7 @@ def quality_section(name: str, rec: dict, others: dict[str, dict] | None = None)
     trained = {c: e for c, e in summ.items() if "final" in e}
     if trained:
         img = f"{name.removesuffix('.json')}.png"
-        _bar(IMG / img, list(trained), [100 * e["final"] for e in trained.values()], title, "score at end (%)")
+        bar(IMG / img, list(trained), [100 * e["final"] for e in trained.values()], title, "score at end (%)")
         lines += ["", f"![{title}](img/{img})"]
     return lines + [""]
 
@@ -487,15 +337,12 @@ def main() -> None:
     sections = [
         ("default_job_vs_peft.json", default_job_section),
         ("tune_default_job.json", tune_section),
-        ("layer_speed_float32.json", layer_section),
-        ("layer_sweep.json", layer_sweep_section),
-        ("optimizer_speed.json", optimizer_section),
-        ("e2e_throughput.json", e2e_section),
     ]
     for name, fn in sections:
-        rec = _load(name)
+        rec = load(name)
         if rec is not None:
             out += fn(rec)
+    out += speed_sections()
     quality = sorted(
         (p.name for p in RESULTS.glob("quality_*.json") if not p.name.endswith("_quick.json")),
         key=lambda n: ("smollm2" not in n, "commonsense_qa" not in n, n),  # the headline table first
@@ -514,7 +361,7 @@ def main() -> None:
             "metric is another one.",
             "",
         ]
-        records = {name: _load(name) for name in quality}
+        records = {name: load(name) for name in quality}
         out += quality_overview(records)
         for name, rec in records.items():
             out += quality_section(name, rec, records)

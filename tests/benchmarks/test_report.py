@@ -155,3 +155,17 @@ def test_overview_marks_a_gated_candidate_at_another_lr_than_its_base():
     rec = {"args": args, "formulation": "cloze", "summary": summary, "majority_baseline": None}
     tally = report.quality_overview({"quality_m_t_cloze.json": rec})[-2]
     assert "1 better (1 beyond noise: t (cloze), m, 9 steps: grsgd_p0.5_ownlr (at another lr than its base))" in tally
+
+
+def test_speed_sections_render_every_committed_speed_result(monkeypatch):
+    """Each speed/memory JSON in benchmarks/results becomes its section, with its numbers and the old rows."""
+    import lib.speed_sections as speed
+
+    monkeypatch.setattr(speed, "bar", lambda *a, **k: None)  # no plots written by the test
+    text = "\n".join(speed.speed_sections())
+    layer = speed.load("layer_speed_float32.json")
+    assert f"{layer['ratios']['riemix_over_base']:.2f}" in text
+    for heading in ("## Layer:", "### The sparse path", "### Activation memory", "## Optimizer step", "## End to end"):
+        assert heading in text
+    before = speed.load("before_issue16/optimizer_speed.json")
+    assert f"{before['ratios']['riemix_radamw_over_torch_adamw_fused']:.2f}" in text

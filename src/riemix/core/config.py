@@ -92,8 +92,8 @@ class MoELoRAConfig:
         expert_compute: ``"dense"`` (every expert for every token, gates zero where unselected),
             ``"sparse"`` (only the selected token-expert pairs; needs a routing that selects:
             ``softmax_topk``, ``topk_softmax``, ``top_p``) or ``"auto"`` (sparse on CPU when the routing
-            selects and top_k <= E/8; dense on GPUs; see ``riemix.core.sparse.use_sparse_experts``). Same values and gradients
-            either way (up to rounding); only the speed differs.
+            selects and top_k <= E/8; dense on GPUs; see ``riemix.core.sparse.use_sparse_experts``).
+            Same values and gradients either way (up to rounding); only the speed differs.
     """
 
     num_experts: ExpertCount = 8

@@ -193,6 +193,10 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# Under torch.compile the sparse path runs eagerly (one graph break): its grouping depends on the routing
+# (nonzero, bincount().tolist(), a Python loop over the experts that received tokens), which would make
+# dynamo recompile for almost every batch (benchmarks/compile_check.py).
+@torch.compiler.disable
 def sparse_moe_lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     spec: Any, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None, noise: Tensor | None = None,

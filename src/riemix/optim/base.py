@@ -170,6 +170,9 @@ class RiemannianOptimizer(Optimizer):
         """The elementwise update of ``params``; a ``DeferredGrad`` grad is computed by reading it."""
         raise NotImplementedError
 
+    # Under torch.compile the step runs eagerly: its plan cache, host-side checks and torch's fused AdamW
+    # kernel do not trace (a compiled step failed in functionalization; benchmarks/compile_check.py).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step.
