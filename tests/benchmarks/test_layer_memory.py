@@ -36,7 +36,8 @@ def test_quick_run_writes_the_record_and_measures_known_cases_exactly(tmp_path, 
     assert {"benchmark", "date", "machine", "args", "target", "configs", "candidates", "ratios"} <= set(record)
     assert record["benchmark"] == "layer_memory" and record["args"]["tokens"] == TOKENS
     rows = {row["name"]: row for row in record["candidates"]}
-    riemix = [f"riemix_E{e}_k{k}_r{r}_{p}" for e, k, r, p in layer_memory.CONFIGS]
+    configs = [(c, tail) for c in layer_memory.CONFIGS for tail in ("", "_recompute")]
+    riemix = [f"riemix_E{e}_k{k}_r{r}_{p}{tail}" for (e, k, r, p), tail in configs]
     assert list(rows) == ["base", "peft_lora_r8", "peft_lora_r16", "peft_lora_r40", *riemix]
     assert set(record["ratios"]) == set(riemix)
     for row in rows.values():
@@ -54,10 +55,13 @@ def test_quick_run_writes_the_record_and_measures_known_cases_exactly(tmp_path, 
         assert row["beyond_x_bytes"] == TOKENS * rank * size and row["weight_derived_bytes"] == 0
         assert row["ratio_to_peft"] == 1.0
     # Every riemix layer keeps x itself, counted apart, and its ratio is to PEFT at rank k·r.
-    for (_, k, r, _), name in zip(layer_memory.CONFIGS, riemix, strict=True):
+    # Recomputing h, it keeps only the gates: less than PEFT at that rank.
+    for ((_, k, r, _), tail), name in zip(configs, riemix, strict=True):
         row = rows[name]
         assert row["active_rank"] == k * r and row["x_bytes"] == TOKENS * WIDTH * size
         assert row["ratio_to_peft"] == row["beyond_x_bytes"] / rows[f"peft_lora_r{k * r}"]["beyond_x_bytes"]
+        if tail:
+            assert row["ratio_to_peft"] <= 1.0
 
 
 def test_weight_storages_are_excluded_and_views_count_their_storage_once():

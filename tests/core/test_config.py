@@ -105,6 +105,7 @@ def test_mode_groups_are_subsets_of_the_routing_modes():
         ({"expert_compute": "fast"}, r"expert_compute must be one of \('auto', 'dense', 'sparse'\), got 'fast'"),
         ({"expert_compute": "sparse", "routing": "dense"}, r"expert_compute='sparse' needs .*routing='dense'"),
         ({"expert_compute": "sparse", "routing": "global"}, r"expert_compute='sparse' needs .*routing='global'"),
+        ({"recompute_hidden": "yes"}, r"recompute_hidden must be a bool, got 'yes'"),
     ],
 )
 def test_new_config_fields_are_validated(kwargs, match):
@@ -125,6 +126,7 @@ def test_new_config_fields_round_trip_and_global_ignores_top_k_bound():
         init_b_std=0.01,
         scale_warmup_steps=5,
         expert_compute="dense",
+        recompute_hidden=True,
     )
     assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg
     assert MoELoRAConfig.from_dict({"routing": "top_p", "expert_compute": "sparse"}).expert_compute == "sparse"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from riemix.core.config import ROUTING_MODES
+from riemix.core.config import DENSE_MODES, ROUTING_MODES
 from riemix.core.functional import moe_lora_linear, reference_moe_lora_linear
 
 D = torch.float64
@@ -47,6 +47,30 @@ def _run(fn, t, mode, power, temperature=1.0, noise=None, logit_weight=None, see
     names = [n for n in INPUTS if t[n] is not None]
     grads = torch.autograd.grad(loss, [t[n] for n in names])
     return (y, logits, gates), dict(zip(names, grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("mode", "compute", "power", "dropout"),
+    [
+        (m, c, p, d)
+        for m, c, p, d in itertools.product(ROUTING_MODES, ("dense", "sparse"), (1.0, 0.5, 0.0), (False, True))
+        if c == "dense" or m not in DENSE_MODES
+    ],
+)
+def test_recompute_hidden_equals_the_reference(mode, compute, power, dropout):
+    """Both paths, with h recomputed in the backward, give the per-expert loop's values and gradients."""
+    t = _inputs(mode, dropout, bias=True)
+
+    def recomputing(*args, **kw):
+        return moe_lora_linear(*args, **kw, expert_compute=compute, recompute_hidden=True)
+
+    out, grads = _run(recomputing, t, mode, power, logit_weight=0.3)
+    ref, ref_grads = _run(reference_moe_lora_linear, t, mode, power, logit_weight=0.3)
+    for name, a, b in zip(("y", "logits", "gates"), out, ref, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
 
 
 @pytest.mark.parametrize(
@@ -136,10 +160,12 @@ def _saved_bytes_beyond_inputs(fn, x: torch.Tensor, params: list[torch.Tensor]) 
 
 
 @pytest.mark.parametrize("expert_compute", ["dense", "sparse"])
-def test_training_forward_keeps_less_than_a_lora_of_the_active_rank(expert_compute):
-    """Beyond x and the parameters, a top-k layer keeps k gates and k indices per token (dense path:
-    fp32 values + uint8 indices, 5 bytes; sparse path: fp32 gate + int32 token index per pair, 8 bytes),
-    while a LoRA of rank k·r keeps its (N, k·r) hidden activations (4·k·r bytes per token in fp32)."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_training_forward_keeps_the_gates_and_h_unless_recomputed(expert_compute, recompute):
+    """Beyond x and the parameters a top-k layer keeps k gates and k indices per token (dense path: fp32
+    values + uint8 indices, 5 bytes; sparse path: fp32 gate + int32 token index per pair, 8 bytes), and
+    unless ``recompute_hidden`` its h (dense: the (N, E·r + E) product over x that h is a view of; sparse:
+    (P, r)). Recomputing, it keeps less than a LoRA of rank k·r, which keeps its (N, k·r) hidden."""
     n, d, e, k, r = 64, 32, 8, 2, 4
     torch.manual_seed(0)
     x = torch.randn(n, d, requires_grad=True)
@@ -148,11 +174,13 @@ def test_training_forward_keeps_less_than_a_lora_of_the_active_rank(expert_compu
 
     def run():
         return moe_lora_linear(
-            x, weight, None, a, b, router, "softmax_topk", k, 0.5, 2.0, expert_compute=expert_compute
-        )
+            x, weight, None, a, b, router, "softmax_topk", k, 0.5, 2.0, expert_compute=expert_compute,
+            recompute_hidden=recompute,
+        )  # fmt: skip
 
     got, storages = _saved_bytes_beyond_inputs(run, x, params)
-    per_pair = 5 if expert_compute == "dense" else 8
-    assert got == n * k * per_pair, storages
-    lora_rank_kr = n * k * r * x.element_size()  # what a LoRA of rank k·r saves beyond x: its (N, k·r) hidden
-    assert got < lora_rank_kr
+    gates = n * k * (5 if expert_compute == "dense" else 8)
+    hidden = 0 if recompute else 4 * (n * (e * r + e) if expert_compute == "dense" else n * k * r)
+    assert got == gates + hidden, storages
+    lora_rank_kr = n * k * r * x.element_size()  # what a LoRA of rank k·r saves beyond x
+    assert (got < lora_rank_kr) is recompute

@@ -173,7 +173,9 @@ def test_default_config_layers_are_dense_and_a_forced_layer_reports_sparse():
     assert not model[0].sparse_experts
     assert "experts_computed=dense" in repr(model[0])
     model = add_moe_lora(nn.Sequential(nn.Linear(6, 6)), MoELoRAConfig(target_modules=["0"], expert_compute="sparse"))
-    assert model[0].sparse_experts and model[0].expert_compute == "sparse"
+    assert model[0].sparse_experts and model[0].expert_compute == "sparse" and not model[0].recompute_hidden
+    cfg = MoELoRAConfig(target_modules=["0"], recompute_hidden=True)
+    assert add_moe_lora(nn.Sequential(nn.Linear(6, 6)), cfg)[0].recompute_hidden
 
 
 @pytest.mark.parametrize(

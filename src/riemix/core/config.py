@@ -94,6 +94,11 @@ class MoELoRAConfig:
             ``softmax_topk``, ``topk_softmax``, ``top_p``) or ``"auto"`` (sparse on CPU when the routing
             selects and top_k <= E/8; dense on GPUs; see ``riemix.core.sparse.use_sparse_experts``).
             Same values and gradients either way (up to rounding); only the speed differs.
+        recompute_hidden: Recompute the experts' hidden activations h = A x̃ in the backward instead of
+            keeping them: a layer then keeps only its gates (k values and one-byte indices per token,
+            or a gate and a token index per selected pair), less than a PEFT LoRA of rank k·r keeps, for
+            one more (N, in) x (in, E·r) product in the backward (k·r on the sparse path): measured +4% to
+            +19% layer time at SmolLM2's widths, ~+8% at 2048 wide (``benchmarks/layer_memory.py``).
     """
 
     num_experts: ExpertCount = 8
@@ -116,6 +121,7 @@ class MoELoRAConfig:
     expert_scales: bool = False
     scale_anchor_beta: float = 0.0
     expert_compute: str = "auto"
+    recompute_hidden: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_experts, bool):
@@ -198,6 +204,8 @@ class MoELoRAConfig:
                 f"scale_anchor_beta needs expert_scales=True, "
                 f"got scale_anchor_beta={self.scale_anchor_beta!r}"
             )
+        if not isinstance(self.recompute_hidden, bool):
+            raise ValueError(f"recompute_hidden must be a bool, got {self.recompute_hidden!r}")
         if self.expert_compute not in EXPERT_COMPUTE_MODES:
             raise ValueError(f"expert_compute must be one of {EXPERT_COMPUTE_MODES}, got {self.expert_compute!r}")
         if self.expert_compute == "sparse" and self.routing in DENSE_MODES:

@@ -68,6 +68,7 @@ class _Inputs(NamedTuple):
     spec: Any = None
     power: Any = None
     scaling: Any = None
+    recompute: Any = None
 
 
 class _Meta(NamedTuple):
@@ -115,7 +116,7 @@ def _compact_gates(gates: Tensor, spec: RouteSpec) -> tuple[Tensor, Tensor | Non
 
 
 def _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling):
-    """The dense forward: ``(y, logits, gates)``, every expert computed for every token."""
+    """The dense forward: ``(y, logits, gates, h)``, every expert computed for every token (h: (N, E·r))."""
     n = x.shape[0]  # x: (N, in)
     e, r, d_in = lora_a.shape  # lora_a: (E, r, in)
     d_out = lora_b.shape[1]  # lora_b: (E, out, r)
@@ -136,30 +137,30 @@ def _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spe
     y = F.linear(x, weight, bias)  # (N, out)
     u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
     y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
-    return y, logits, gates
+    return y, logits, gates, h
 
 
 class _MoELoRAFunction(torch.autograd.Function):
     """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``.
 
     What a training forward keeps for the backward, besides its inputs (x, which any LoRA keeps, and the
-    parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token).
-    h = x̃ A_catᵀ is recomputed in the backward (one (N, in) x (in, E·r) product, E·r / (3·out) of the
-    base layer's fwd+bwd work: 1-4% at the benchmarked shapes), the coefficients cᵢ = gᵢ^p from the gates,
-    and the stacked weights from the parameters.  So a layer keeps less than a PEFT LoRA of its active
-    rank k·r, which keeps (N, k·r) (``benchmarks/layer_memory.py``).
+    parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token), and
+    h = x̃ A_catᵀ (N, E·r) unless ``recompute``.  With ``recompute`` the backward computes h again (one
+    (N, in) x (in, E·r) product), and a layer keeps less than a PEFT LoRA of its active rank k·r, which
+    keeps (N, k·r) (``benchmarks/layer_memory.py``).  The coefficients cᵢ = gᵢ^p come from the gates and
+    the stacked weights from the parameters in the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling):  # noqa: D102
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling, recompute):  # noqa: D102
         ctx.set_materialize_grads(False)
-        y, logits, gates = _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling)
+        y, logits, gates, h = _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling)
         e, r = lora_a.shape[:2]  # lora_a: (E, r, in)
         is_global = spec.mode == "global"
-        # Saved: the inputs (x is kept by any LoRA; the rest are parameters) and the gates, compactly.
-        # h is recomputed in the backward, b_cat and w_cat rebuilt from the parameters (see the class doc).
+        # Saved: the inputs (x is kept by any LoRA; the rest are parameters), the gates, compactly, and h
+        # unless it is recomputed; b_cat and w_cat are rebuilt from the parameters (see the class doc).
         values, index = _compact_gates(gates, spec)  # (N, k) and (N, k) or (N, E) and None
-        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, values, index)
+        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, values, index, None if recompute else h)
         ctx.meta = _Meta(
             num_experts=e,
             rank=r,
@@ -175,7 +176,7 @@ class _MoELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_logits, _grad_gates):  # noqa: D102
-        x, x_drop, weight, lora_a, lora_b, router_w, values, index = ctx.saved_tensors
+        x, x_drop, weight, lora_a, lora_b, router_w, values, index, h = ctx.saved_tensors
         meta: _Meta = ctx.meta
         e, r, s = meta.num_experts, meta.rank, meta.scaling
         n, d_in = x.shape
@@ -185,7 +186,8 @@ class _MoELoRAFunction(torch.autograd.Function):
         a_cat = lora_a.reshape(e * r, d_in)  # (E·r, in), a view
         b_cat = lora_b.permute(1, 0, 2).reshape(-1, e * r)  # (out, E·r)
         w_cat = _shared_x(a_cat, router_w, experts_read_x, meta.is_global, dim=0)  # (K, in) or None
-        h = (x if experts_read_x else x_drop) @ a_cat.t()  # (N, E·r): recomputed, not saved
+        if h is None:  # recompute_hidden
+            h = (x if experts_read_x else x_drop) @ a_cat.t()  # (N, E·r)
         gates = values if index is None else values.new_zeros(n, e).scatter_(1, index.long(), values)  # (N, E)
         coef = gate_grad_coefficients(gates, meta.power)  # (N, E)
         if grad_y is None:
@@ -245,6 +247,7 @@ def moe_lora_linear(
     top_p: float = 1.0,
     noise: torch.Tensor | None = None,
     expert_compute: str = "auto",
+    recompute_hidden: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional MoE-LoRA linear: ``y = x Wᵀ + b + s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃`` with gate-rescaled gradients.
 
@@ -271,6 +274,8 @@ def moe_lora_linear(
         noise: optional ``(N, E)`` selection noise (noisy top-k; gate values use the clean logits).
         expert_compute: ``"dense"`` (every expert, the fused node above), ``"sparse"`` (the selected
             pairs only, ``riemix.core.sparse``) or ``"auto"`` (``use_sparse_experts`` decides by shape).
+        recompute_hidden: keep only the gates for the backward and compute h = x̃ Aᵀ again there
+            (less activation memory than a LoRA of rank k·r, one more product in the backward).
 
     Returns:
         ``(y, logits, gates)``: ``(N, out)`` output, ``(N, E)`` router logits (differentiable) and
@@ -282,25 +287,27 @@ def moe_lora_linear(
     spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
     if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0], x.device.type):
         return sparse_moe_lora_linear(
-            x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise
-        )
+            x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise,
+            recompute_hidden,
+        )  # fmt: skip
     tensors = (x, x_drop, weight, bias, lora_a, lora_b, router_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _MoELoRAFunction.apply(*tensors, noise, spec, float(gate_grad_power), float(scaling))
-    return _dense_forward(*tensors, noise, spec, float(scaling))  # inference: no autograd node, nothing kept
+        return _MoELoRAFunction.apply(*tensors, noise, spec, float(gate_grad_power), float(scaling), recompute_hidden)
+    return _dense_forward(*tensors, noise, spec, float(scaling))[:3]  # inference: no autograd node, nothing kept
 
 
 def reference_moe_lora_linear(  # the signature of moe_lora_linear
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     routing: str, top_k: int, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None,
     temperature: float = 1.0, top_p: float = 1.0, noise: Tensor | None = None, expert_compute: str = "auto",
+    recompute_hidden: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``moe_lora_linear`` written plainly: a loop over experts with ordinary autograd (slow; the spec).
 
     Expert i contributes s·wᵢ with wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ), eᵢ = x̃ Aᵢᵀ Bᵢᵀ and
     cᵢ = stopgrad(gᵢ^p): the value is s·gᵢ·eᵢ, the gradient reaching Aᵢ, Bᵢ and x̃ is weighted by cᵢ and
     the gate receives s·⟨∂L/∂y, eᵢ⟩.  Same arguments and results as ``moe_lora_linear``
-    (``expert_compute`` is accepted and ignored: the loop is the spec of both paths).
+    (``expert_compute`` and ``recompute_hidden`` are accepted and ignored: the loop is the spec of them all).
     """
     expert_in = x if x_drop is None else x_drop  # (N, in)
     n, num_experts = x.shape[0], lora_a.shape[0]

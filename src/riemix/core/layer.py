@@ -47,6 +47,8 @@ class MoELoRALinear(nn.Module):
             init name).
         expert_compute: ``"auto"``, ``"dense"`` or ``"sparse"`` (see ``MoELoRAConfig.expert_compute``);
             ``sparse_experts`` says which path the layer takes.
+        recompute_hidden: keep only the gates for the backward and recompute h = A x̃ there (see
+            ``MoELoRAConfig.recompute_hidden``).
         record_routing: when True, ``last_router_logits`` ``(N, E)`` and ``last_gates`` ``(N, E)`` keep the
             latest forward's routing (used by auxiliary losses and diagnostics).
     """
@@ -70,6 +72,7 @@ class MoELoRALinear(nn.Module):
         expert_scales: bool = False,
         init_b_std: float = 1e-3,
         expert_compute: str = "auto",
+        recompute_hidden: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -92,6 +95,7 @@ class MoELoRALinear(nn.Module):
         self.init_info = init
         use_sparse_experts(expert_compute, routing, self.top_k, num_experts)  # validates expert_compute
         self.expert_compute = expert_compute
+        self.recompute_hidden = bool(recompute_hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -208,6 +212,7 @@ class MoELoRALinear(nn.Module):
                 top_p=self.top_p,
                 noise=noise,
                 expert_compute=self.expert_compute,
+                recompute_hidden=self.recompute_hidden,
             )  # (N, out), (N, E), (N, E)
         if self.record_routing:
             self.last_router_logits, self.last_gates = logits, gates

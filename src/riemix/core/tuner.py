@@ -129,6 +129,7 @@ def add_moe_lora(
             expert_scales=config.expert_scales,
             init_b_std=config.init_b_std,
             expert_compute=config.expert_compute,
+            recompute_hidden=config.recompute_hidden,
         )
         layer.scale_factor = scale_warmup_factor(0, config.scale_warmup_steps)
         layer.train(base.training)  # follow the wrapped module's mode (dropout / selection noise)
