@@ -18,8 +18,9 @@ Candidates, all with an input that requires grad and a frozen base ``nn.Linear(i
 - ``base``: the frozen Linear alone;
 - ``peft_lora_r<R>``: PEFT LoRA (``get_peft_model`` on a one-Linear module) at every active rank below;
 - ``riemix_E<E>_k<k>_r<r>_<path>[_recompute]``: ``MoELoRALinear`` (softmax-top-k routing) with
-  ``expert_compute`` forced to the dense or the sparse path, for the configs in ``CONFIGS``, keeping h for
-  the backward (the default) or recomputing it there (``recompute_hidden=True``).
+  ``expert_compute`` forced to the dense or the sparse path, for the configs in ``CONFIGS``; the dense
+  path keeping h for the backward (the default) or recomputing it there (``recompute_hidden=True``, the
+  ``_recompute`` rows; the sparse path always recomputes it).
 
 Prints a table and the saved-tensor breakdown of the riemix rows; writes JSON to
 ``benchmarks/results/layer_memory_<dtype>.json`` (``--out`` to override).
@@ -159,6 +160,8 @@ def candidates(width: int, dtype: torch.dtype) -> list[tuple[str, int, Callable[
         for rank in sorted({k * r for _, k, r, _ in CONFIGS}):
             rows.append((f"peft_lora_r{rank}", rank, lambda rank=rank: peft_layer(base, rank, dtype)))
     for (e, k, r, path), recompute in itertools.product(CONFIGS, (False, True)):
+        if recompute and path == "sparse":
+            continue  # the sparse path always recomputes h
         build = lambda e=e, k=k, r=r, path=path, rc=recompute: riemix_layer(base, e, k, r, path, dtype, rc)  # noqa: E731
         rows.append((f"riemix_E{e}_k{k}_r{r}_{path}{'_recompute' if recompute else ''}", k * r, build))
     return rows

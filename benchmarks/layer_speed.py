@@ -110,12 +110,20 @@ def measure(args, dtype: torch.dtype) -> dict[str, list[float]]:
     upstream = torch.randn(args.tokens, args.width, dtype=dtype, device=device)  # (T, out)
 
     def fwd_bwd(name: str, _round: int) -> None:
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs' outputs may be reused
         cands[name](x).backward(upstream)
         if device == "cuda":
             torch.cuda.synchronize()  # time the kernels, not their launch
 
-    def clear_grad(_name: str) -> None:
+    params = {
+        n: [p for p in c.parameters() if p.requires_grad] if isinstance(c, nn.Module) else [] for n, c in cands.items()
+    }
+
+    def clear_grad(name: str) -> None:  # as zero_grad(set_to_none=True) before every step
         x.grad = None
+        for p in params[name]:
+            p.grad = None
 
     return interleaved_times(list(cands), fwd_bwd, range(args.repeats), warmup=2, prepare=clear_grad)
 

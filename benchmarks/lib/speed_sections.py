@@ -87,6 +87,22 @@ def _paths_table(rec: dict) -> list[str]:
     )
 
 
+def width576_section(rec: dict) -> list[str]:
+    a, ratios = rec["args"], rec["ratios"]
+    return [
+        "### The layer at SmolLM2's width",
+        "",
+        f"`benchmarks/layer_speed.py --paths --width {a['width']} --tokens {a['tokens']}`: E={a['experts']}, "
+        f"top-k={a['top_k']}, r={a['rank']}, {a['dtype']}, median of {a['repeats']} ({machine(rec)}).",
+        "",
+        *_paths_table(rec),
+        "",
+        f"riemix/PEFT LoRA of rank E·r: {ratios['riemix_over_peft_lora']:.2f}; recomputing h in the backward "
+        f"(`recompute_hidden=True`) costs {ratios['riemix_recompute_over_riemix']:.2f}x the layer time here.",
+        "",
+    ]
+
+
 def sparse_section(rec: dict) -> list[str]:
     a = rec["args"]
     return [
@@ -273,6 +289,16 @@ def gpu_sections() -> list[str]:
         *_paths_table(layer),
         "",
     ]
+    for mode in ("default", "reduce-overhead"):
+        rec = load(f"{GPU}/layer_speed_bfloat16_cuda_compiled_{mode}.json")
+        if rec is not None:
+            lines += [
+                f"The same layer rows with every candidate under `torch.compile(mode={mode!r})` "
+                "(`layer_speed.py --compile`; the per-expert loop left out):",
+                "",
+                *_paths_table(rec),
+                "",
+            ]
     for name in ("layer_speed_sparse_bfloat16_cuda.json", "layer_speed_sparse_4096_bfloat16_cuda.json"):
         rec = load(f"{GPU}/{name}")
         if rec is not None:
@@ -290,6 +316,12 @@ def gpu_sections() -> list[str]:
     e2e = load(f"{GPU}/e2e_throughput_bf16_cuda.json")
     if e2e is not None:
         lines += e2e_section(e2e, "### GPU: SmolLM2-135M end to end")
+        lines += [
+            "Measured eagerly, in the same session as the layer rows but before the layer's last change "
+            "(it then recomputed h in the backward and did not keep it; the device time left did not allow "
+            "a rerun).",
+            "",
+        ]
     return lines
 
 
@@ -300,6 +332,7 @@ def _memory(dtype: str):
 #: (result JSON, its renderer), in reading order.
 SECTIONS = (
     ("layer_speed_float32.json", layer_section),
+    ("layer_speed_width576_float32.json", width576_section),
     ("layer_speed_sparse_float32.json", sparse_section),
     ("layer_sweep_experts.json", experts_sweep_section),
     ("layer_sweep.json", layer_sweep_section),

@@ -164,8 +164,8 @@ def _saved_bytes_beyond_inputs(fn, x: torch.Tensor, params: list[torch.Tensor]) 
 def test_training_forward_keeps_the_gates_and_h_unless_recomputed(expert_compute, recompute):
     """Beyond x and the parameters a top-k layer keeps k gates and k indices per token (dense path: fp32
     values + uint8 indices, 5 bytes; sparse path: fp32 gate + int32 token index per pair, 8 bytes), and
-    unless ``recompute_hidden`` its h (dense: the (N, E·r + E) product over x that h is a view of; sparse:
-    (P, r)). Recomputing, it keeps less than a LoRA of rank k·r, which keeps its (N, k·r) hidden."""
+    on the dense path unless ``recompute_hidden`` the selected experts' h, (N, k, r): as much as a LoRA of
+    rank k·r keeps, its (N, k·r) hidden. Recomputing h, it keeps less than that LoRA."""
     n, d, e, k, r = 64, 32, 8, 2, 4
     torch.manual_seed(0)
     x = torch.randn(n, d, requires_grad=True)
@@ -180,7 +180,9 @@ def test_training_forward_keeps_the_gates_and_h_unless_recomputed(expert_compute
 
     got, storages = _saved_bytes_beyond_inputs(run, x, params)
     gates = n * k * (5 if expert_compute == "dense" else 8)
-    hidden = 0 if recompute else 4 * (n * (e * r + e) if expert_compute == "dense" else n * k * r)
+    # Unless recomputed, the dense path keeps the selected experts' h, what the LoRA keeps too; the
+    # sparse path always recomputes it.
+    hidden = 0 if recompute or expert_compute == "sparse" else 4 * n * k * r
     assert got == gates + hidden, storages
     lora_rank_kr = n * k * r * x.element_size()  # what a LoRA of rank k·r saves beyond x
-    assert (got < lora_rank_kr) is recompute
+    assert (got < lora_rank_kr) is (recompute or expert_compute == "sparse")

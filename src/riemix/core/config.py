@@ -94,11 +94,12 @@ class MoELoRAConfig:
             ``softmax_topk``, ``topk_softmax``, ``top_p``) or ``"auto"`` (sparse on CPU when the routing
             selects and top_k <= E/8; dense on GPUs; see ``riemix.core.sparse.use_sparse_experts``).
             Same values and gradients either way (up to rounding); only the speed differs.
-        recompute_hidden: Recompute the experts' hidden activations h = A x̃ in the backward instead of
-            keeping them: a layer then keeps only its gates (k values and one-byte indices per token,
-            or a gate and a token index per selected pair), less than a PEFT LoRA of rank k·r keeps, for
-            one more (N, in) x (in, E·r) product in the backward (k·r on the sparse path): measured +4% to
-            +19% layer time at SmolLM2's widths, ~+8% at 2048 wide (``benchmarks/layer_memory.py``).
+        recompute_hidden: Dense path: recompute the experts' hidden activations h = A x̃ in the backward
+            instead of keeping the selected experts' blocks of it. A layer then keeps only its gates (k
+            values and one-byte indices per token), less than a PEFT LoRA of rank k·r keeps, for one more
+            (N, in) x (in, E·r) product in the backward: measured +1% to +3% layer time on CPU, +5% to
+            +25% on an H100 (``benchmarks/layer_speed.py --paths``). The sparse path always recomputes h
+            (it keeps a gate and a token index per selected pair).
     """
 
     num_experts: ExpertCount = 8

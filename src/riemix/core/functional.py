@@ -115,6 +115,16 @@ def _compact_gates(gates: Tensor, spec: RouteSpec) -> tuple[Tensor, Tensor | Non
     return values, index.to(small)
 
 
+def _block_index(index: Tensor, rank: int) -> Tensor:
+    """``(N, k, r)`` int64 index of the k selected experts' blocks in an ``(N, E, r)`` view of h."""
+    return index.long().unsqueeze(-1).expand(*index.shape, rank)
+
+
+def _selected_blocks(h: Tensor, index: Tensor, rank: int) -> Tensor:
+    """``(N, k, r)``: the blocks of h ``(N, E·r)`` of the k selected experts of each token."""
+    return h.view(h.shape[0], -1, rank).gather(1, _block_index(index, rank))
+
+
 def _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling):
     """The dense forward: ``(y, logits, gates, h)``, every expert computed for every token (h: (N, E·r))."""
     n = x.shape[0]  # x: (N, in)
@@ -144,10 +154,12 @@ class _MoELoRAFunction(torch.autograd.Function):
     """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``.
 
     What a training forward keeps for the backward, besides its inputs (x, which any LoRA keeps, and the
-    parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token), and
-    h = x̃ A_catᵀ (N, E·r) unless ``recompute``.  With ``recompute`` the backward computes h again (one
-    (N, in) x (in, E·r) product), and a layer keeps less than a PEFT LoRA of its active rank k·r, which
-    keeps (N, k·r) (``benchmarks/layer_memory.py``).  The coefficients cᵢ = gᵢ^p come from the gates and
+    parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token), and,
+    unless ``recompute``, the selected experts' blocks of h = x̃ A_catᵀ, (N, k, r) (all of h for routings
+    that do not select): the backward only needs those, since the others are multiplied by gᵢ = cᵢ = 0.
+    That is a PEFT LoRA's (N, k·r) at the same active rank plus 5 bytes per selected expert.  With
+    ``recompute`` the backward computes h again (one (N, in) x (in, E·r) product) and a layer keeps less
+    than that LoRA (``benchmarks/layer_memory.py``).  The coefficients cᵢ = gᵢ^p come from the gates and
     the stacked weights from the parameters in the backward.
     """
 
@@ -160,7 +172,8 @@ class _MoELoRAFunction(torch.autograd.Function):
         # Saved: the inputs (x is kept by any LoRA; the rest are parameters), the gates, compactly, and h
         # unless it is recomputed; b_cat and w_cat are rebuilt from the parameters (see the class doc).
         values, index = _compact_gates(gates, spec)  # (N, k) and (N, k) or (N, E) and None
-        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, values, index, None if recompute else h)
+        kept = None if recompute else h if index is None else _selected_blocks(h, index, r)  # (N, E·r) or (N, k, r)
+        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, values, index, kept)
         ctx.meta = _Meta(
             num_experts=e,
             rank=r,
@@ -188,6 +201,8 @@ class _MoELoRAFunction(torch.autograd.Function):
         w_cat = _shared_x(a_cat, router_w, experts_read_x, meta.is_global, dim=0)  # (K, in) or None
         if h is None:  # recompute_hidden
             h = (x if experts_read_x else x_drop) @ a_cat.t()  # (N, E·r)
+        elif index is not None:  # the selected experts' blocks: the others are multiplied by g = c = 0 below
+            h = h.new_zeros(n, e, r).scatter_(1, _block_index(index, r), h).view(n, e * r)  # (N, E·r)
         gates = values if index is None else values.new_zeros(n, e).scatter_(1, index.long(), values)  # (N, E)
         coef = gate_grad_coefficients(gates, meta.power)  # (N, E)
         if grad_y is None:
@@ -274,8 +289,9 @@ def moe_lora_linear(
         noise: optional ``(N, E)`` selection noise (noisy top-k; gate values use the clean logits).
         expert_compute: ``"dense"`` (every expert, the fused node above), ``"sparse"`` (the selected
             pairs only, ``riemix.core.sparse``) or ``"auto"`` (``use_sparse_experts`` decides by shape).
-        recompute_hidden: keep only the gates for the backward and compute h = x̃ Aᵀ again there
-            (less activation memory than a LoRA of rank k·r, one more product in the backward).
+        recompute_hidden: dense path: keep only the gates for the backward and compute h = x̃ Aᵀ again
+            there (less activation memory than a LoRA of rank k·r, one more product in the backward).
+            The sparse path always does so.
 
     Returns:
         ``(y, logits, gates)``: ``(N, out)`` output, ``(N, E)`` router logits (differentiable) and
@@ -286,10 +302,9 @@ def moe_lora_linear(
     """
     spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
     if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0], x.device.type):
-        return sparse_moe_lora_linear(
-            x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise,
-            recompute_hidden,
-        )  # fmt: skip
+        return sparse_moe_lora_linear(  # it always recomputes h (faster there than keeping it, measured)
+            x, weight, bias, lora_a, lora_b, router_weight, spec, gate_grad_power, scaling, x_drop, noise
+        )
     tensors = (x, x_drop, weight, bias, lora_a, lora_b, router_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MoELoRAFunction.apply(*tensors, noise, spec, float(gate_grad_power), float(scaling), recompute_hidden)

@@ -10,9 +10,9 @@ gradients weighted by s·cᵢ, cᵢ = stopgrad(gᵢ^p), and the router the ordin
 ``softmax_gate_backward``.
 
 No (pairs × width) buffer is ever allocated: each expert's rows are gathered, used and dropped, and the
-backward gathers them again instead of saving them.  Besides the inputs, a training forward keeps each
-pair's token index (int32), gate and h = Aᵢ x̃ (r values), or with ``recompute_hidden`` only the first
-two, 8 bytes per selected pair (h is computed again from the gathered rows; see ``_SparseMoELoRAFunction``).
+backward gathers them again instead of saving them.  Besides the inputs, a training forward keeps only
+each pair's token index (int32) and gate, 8 bytes per selected pair: h = Aᵢ x̃ is recomputed from the
+gathered rows, the rest is rebuilt from those two (see ``_SparseMoELoRAFunction``).
 Under ``torch.no_grad`` the forward runs without an autograd node, so nothing is kept at all.
 ``use_sparse_experts`` is the rule the layer uses to choose between the two paths.
 """
@@ -91,22 +91,19 @@ def _group_pairs(selected: Tensor) -> _Pairs:
     return _Pairs(pair_t, pair_e, spans)
 
 
-def _forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling, keep_hidden=False):
-    """The sparse forward: ``(y, logits, gates, pairs, h)``, h = x̃ Aᵢᵀ per pair ``(P, r)`` if ``keep_hidden``."""
+def _forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling):
+    """The sparse forward: ``(y, logits, gates, pairs)``."""
     x_in = x if x_drop is None else x_drop  # (N, in)
     logits = x @ router_w.t()  # (N, E)
     gates, selected = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
     pairs = _group_pairs(selected)
     gs = (gates[pairs.token, pairs.expert] * scaling).to(x.dtype).unsqueeze(-1)  # (P, 1): s·g per pair
     y = F.linear(x, weight, bias)  # (N, out)
-    hidden = x.new_empty(pairs.token.shape[0], lora_a.shape[1]) if keep_hidden else None  # (P, r)
     for e, lo, hi in pairs.spans:
         tokens = pairs.token[lo:hi]  # (n_e,)
         h = x_in.index_select(0, tokens) @ lora_a[e].t()  # (n_e, r) = x̃ Aₑᵀ
-        if hidden is not None:
-            hidden[lo:hi] = h
         y.index_add_(0, tokens, (h * gs[lo:hi]) @ lora_b[e].t())  # (N, out) += s·g·Bₑ Aₑ x̃
-    return y, logits, gates, pairs, hidden
+    return y, logits, gates, pairs
 
 
 class _Meta(NamedTuple):
@@ -123,27 +120,28 @@ class _Meta(NamedTuple):
 class _SparseMoELoRAFunction(torch.autograd.Function):
     """Base linear + router + the selected experts in one autograd node. See ``sparse_moe_lora_linear``.
 
-    Saved for the backward, besides the inputs: each pair's token index ``(P,)`` (int32) and gate ``(P,)``,
-    and h = x̃ Aₑᵀ per pair ``(P, r)`` unless ``recompute``, in which case the backward computes it again
-    from the token rows it gathers anyway (one (n_e, in) x (in, r) product per expert).  The pairs'
-    experts come back from the spans, the (N, E) gates from the pairs, cᵢ = gᵢ^p from the gates.
+    Saved for the backward, besides the inputs: each pair's token index ``(P,)`` (int32) and gate ``(P,)``.
+    The pairs' experts come back from the spans, the (N, E) gates from the pairs, the coefficients
+    cᵢ = gᵢ^p from the gates, and h = x̃ Aₑᵀ is recomputed from the token rows the backward gathers anyway
+    (one (n_e, in) x (in, r) product per expert).  Measured faster than keeping h on CPU (1.32x against
+    1.48x the frozen base at E=64, top-2, r=8, 2048 wide), and it keeps 8 bytes per pair instead of 8 + 4r.
     """
 
     @staticmethod
-    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling, recompute):  # noqa: D102
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, power, scaling):  # noqa: D102
         ctx.set_materialize_grads(False)
-        y, logits, gates, pairs, hidden = _forward(
-            x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling, keep_hidden=not recompute
-        )  # (N, out), (N, E), (N, E), -, (P, r) or None
+        y, logits, gates, pairs = _forward(
+            x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, scaling
+        )  # (N, out), (N, E), (N, E), -
         gate_pair = gates[pairs.token, pairs.expert]  # (P,)
-        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, gate_pair, pairs.token.int(), hidden)
+        ctx.save_for_backward(x, x_drop, weight, lora_a, lora_b, router_w, gate_pair, pairs.token.int())
         ctx.meta = _Meta(pairs.spans, scaling, power, bias is not None, spec.temperature, gates.shape[1])
         ctx.mark_non_differentiable(gates)
         return y, logits, gates
 
     @staticmethod
     def backward(ctx, grad_y, grad_logits, _grad_gates):  # noqa: D102
-        x, x_drop, weight, lora_a, lora_b, router_w, gate_pair, pair_t, hidden = ctx.saved_tensors
+        x, x_drop, weight, lora_a, lora_b, router_w, gate_pair, pair_t = ctx.saved_tensors
         meta: _Meta = ctx.meta
         s = meta.scaling
         (need_x, need_x_drop, need_w, need_bias, need_a, need_b, need_router) = ctx.needs_input_grad[:7]
@@ -166,8 +164,8 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
         b_t = lora_b.transpose(1, 2).contiguous()  # (E, r, out)
         for e, lo, hi in meta.spans:  # each expert's rows are used while they are in cache
             tokens = pair_t[lo:hi]  # (n_e,)
-            x_rows = x_in.index_select(0, tokens) if need_a or hidden is None else None  # (n_e, in)
-            h = x_rows @ lora_a[e].t() if hidden is None else hidden[lo:hi]  # (n_e, r)
+            x_rows = x_in.index_select(0, tokens)  # (n_e, in)
+            h = x_rows @ lora_a[e].t()  # (n_e, r): recomputed, not saved
             gy = grad_y.index_select(0, tokens)  # (n_e, out)
             du = gy @ b_t[e].t()  # (n_e, r)
             if need_b:
@@ -193,7 +191,7 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
             grads[2] = grad_y.t() @ x  # (out, in)
         if need_bias and meta.has_bias:
             grads[3] = grad_y.sum(0)  # (out,)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 # Under torch.compile the sparse path runs eagerly (one graph break): its grouping depends on the routing
@@ -203,7 +201,6 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
 def sparse_moe_lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     spec: Any, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None, noise: Tensor | None = None,
-    recompute_hidden: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``moe_lora_linear`` on the selected (token, expert) pairs only (a routing that selects experts).
 
@@ -223,7 +220,6 @@ def sparse_moe_lora_linear(
         scaling: adapter scale s.
         x_drop: ``(N, in)`` expert input after dropout, or None to use ``x``.
         noise: optional ``(N, E)`` selection noise.
-        recompute_hidden: keep only the pairs' gates and token indices for the backward (h is recomputed).
 
     Returns:
         ``(y, logits, gates)`` as ``moe_lora_linear``.
@@ -235,8 +231,6 @@ def sparse_moe_lora_linear(
         raise ValueError(f"the sparse expert path needs a routing that selects experts, got {spec.mode!r}")
     tensors = (x, x_drop, weight, bias, lora_a, lora_b, router_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _SparseMoELoRAFunction.apply(
-            *tensors, noise, spec, float(gate_grad_power), float(scaling), bool(recompute_hidden)
-        )
-    y, logits, gates, _, _ = _forward(*tensors, noise, spec, float(scaling))
+        return _SparseMoELoRAFunction.apply(*tensors, noise, spec, float(gate_grad_power), float(scaling))
+    y, logits, gates, _ = _forward(*tensors, noise, spec, float(scaling))
     return y, logits, gates
