@@ -81,3 +81,35 @@ def test_example_configs_are_valid(name):
         else:
             assert data[key] == value, key
     assert cfg.max_steps == written.get("max_steps", TrainConfig().max_steps) > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bf16": "false"}, r"bf16 must be a bool, got 'false'"),
+        ({"lr": "1e-3"}, r"lr must be a number, got '1e-3'"),
+        ({"max_steps": True}, r"max_steps must be an int, got True"),
+        ({"optimizer": 5}, r"optimizer must be a string, got 5"),
+        ({"resume": 3}, r"resume must be a bool or a string, got 3"),
+    ],
+)
+def test_python_api_types_are_strict_and_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_yaml_reads_exponent_numbers_but_not_truthy_strings(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 1e-3\ngate_lr: 2E-5\nadapter:\n  alpha: 3e1\nbf16: false\n")  # PyYAML: "1e-3" is a str
+    cfg = TrainConfig.from_yaml(good)
+    assert cfg.lr == 1e-3 and cfg.gate_lr == 2e-5 and cfg.adapter.alpha == 30.0 and cfg.bf16 is False
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('bf16: "false"\n')
+    with pytest.raises(ValueError, match=r"bad\.yaml: bf16 must be a bool, got 'false'"):
+        TrainConfig.from_yaml(bad)
+    bad.write_text("lr: abc\n")
+    with pytest.raises(ValueError, match=r"lr must be a number, got 'abc'"):
+        TrainConfig.from_yaml(bad)
+    bad.write_text("adapter:\n  use_rslora: 'no'\n")
+    with pytest.raises(ValueError, match=r"adapter\.use_rslora must be a bool, got 'no'"):
+        TrainConfig.from_yaml(bad)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ __all__ = [
     "INIT_MODES",
     "REGULARIZER_MODES",
     "EXPERT_COMPUTE_MODES",
+    "check_field_types",
 ]
 
 #: Routing modes accepted by ``MoELoRAConfig.routing``.
@@ -125,12 +128,16 @@ class MoELoRAConfig:
     recompute_hidden: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.num_experts, bool):
             raise ValueError(f"num_experts must be an int, list or callable, got {self.num_experts!r}")
         if isinstance(self.num_experts, int):
             _check_experts(self.num_experts, "num_experts")
         elif isinstance(self.num_experts, Sequence) and not isinstance(self.num_experts, str):
-            self.num_experts = [int(e) for e in self.num_experts]
+            bad = [e for e in self.num_experts if isinstance(e, bool) or not isinstance(e, int)]
+            if bad:
+                raise ValueError(f"num_experts: per-layer counts must be ints, got {bad[0]!r} in {self.num_experts!r}")
+            self.num_experts = list(self.num_experts)
             if not self.num_experts:
                 raise ValueError("num_experts: the per-layer list is empty")
             for i, e in enumerate(self.num_experts):
@@ -267,6 +274,36 @@ class MoELoRAConfig:
         if unknown:
             raise ValueError(f"unknown MoELoRAConfig field(s): {unknown}; valid: {sorted(names)}")
         return cls(**data)
+
+
+_SIMPLE = {bool: "a bool", int: "an int", float: "a number", str: "a string", type(None): "null"}
+
+
+def check_field_types(config: Any) -> None:
+    """Check every field of a dataclass ``config`` whose type is simple against its value, strictly.
+
+    A field typed ``bool`` takes only True/False (not ``"false"`` or 1), ``int`` only an int (not a bool
+    or ``"3"``), ``float`` an int or a float (not a bool or ``"1e-3"``), ``str`` only a string, and
+    ``X | None`` also None.  Fields of any other type (lists, callables, nested configs) are left to
+    the config's own checks.
+
+    Raises:
+        ValueError: naming the first field whose value does not fit, what it takes and the value.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        allowed = typing.get_args(hints[f.name]) if isinstance(hints[f.name], types.UnionType) else (hints[f.name],)
+        if not all(t in _SIMPLE for t in allowed):
+            continue
+        value = getattr(config, f.name)
+        ok = any(
+            (isinstance(value, bool) if t is bool else isinstance(value, t) and not isinstance(value, bool))
+            or (t is float and isinstance(value, int) and not isinstance(value, bool))
+            for t in allowed
+        )
+        if not ok:
+            want = " or ".join(_SIMPLE[t] for t in allowed)
+            raise ValueError(f"{f.name} must be {want}, got {value!r}")
 
 
 def _check_experts(value: Any, name: str) -> None:

@@ -11,12 +11,15 @@ The adapter is a typed ``MoELoRAConfig`` (its defaults are the default job's ada
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig
+from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig, check_field_types
 from riemix.core.regularizers import REGULARIZERS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
@@ -170,6 +173,8 @@ class TrainConfig:
         def bad(name: str, value: Any, want: str) -> None:
             raise ValueError(f"{name} must be {want}, got {value!r}")
 
+        check_field_types(self)
+
         for name, allowed in (
             ("model_kind", MODEL_KINDS),
             ("format", FORMATS),
@@ -242,10 +247,18 @@ class TrainConfig:
             raise ValueError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+        data = _yaml_numbers(data, cls)
+        if isinstance(data.get("adapter"), Mapping):
+            data["adapter"] = _yaml_numbers(data["adapter"], MoELoRAConfig)
         merged = {**data, **(overrides or {})}
         if "adapter" in data and overrides and "adapter" in overrides:
             merged["adapter"] = {**data["adapter"], **overrides["adapter"]}
-        return cls.from_dict(merged, source=str(path))
+        try:
+            return cls.from_dict(merged, source=str(path))
+        except ValueError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-serialisable dict; ``adapter`` is the nested ``MoELoRAConfig.to_dict()``."""
@@ -258,6 +271,26 @@ class TrainConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml_numbers(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``data`` with numeric strings in ``float`` fields of ``cls`` read as numbers.
+
+    PyYAML (YAML 1.1) reads ``lr: 1e-3`` as the string ``"1e-3"`` (a float needs a dot there); such a
+    string in a field typed ``float`` (or ``float | None``) becomes the number.  Nothing else is converted:
+    ``bf16: "false"`` stays a string and the config rejects it, naming the field.
+    """
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        numeric = hint is float or (isinstance(hint, types.UnionType) and float in typing.get_args(hint))
+        if numeric and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            out[key] = float(value)
+    return out
 
 
 def _adapter_config(adapter: Any) -> MoELoRAConfig:
