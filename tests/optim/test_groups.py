@@ -31,6 +31,12 @@ def test_build_optimizer_rejects_frozen_model():
         build_optimizer(moe_stack().requires_grad_(False), "radamw", lr=0.1)
 
 
+def test_build_optimizer_rejects_a_model_without_adapters():
+    """Without adapters every trainable base weight would land in the "other" group and be trained."""
+    with pytest.raises(ValueError, match="model has no MoE-LoRA layers; call add_moe_lora first"):
+        build_optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4)), "radamw", lr=0.1)
+
+
 @pytest.mark.parametrize("name", ["RAdamW", "adamw", "rsgd", "SGD"])
 def test_build_optimizer_groups(name):
     model = moe_stack()

@@ -193,6 +193,15 @@ def test_early_stopping_stops(tmp_path, mcq_files):
     assert summary["steps"] == 6  # lr 0: no improvement after the first evaluation at step 2
 
 
+def test_unknown_early_stopping_metric_is_an_error_not_silence(tmp_path, mcq_files):
+    cfg = base_cfg(
+        tmp_path, mcq_files, max_steps=4, eval_every=2, early_stopping_patience=2, early_stopping_metric="acc",
+        eval_before=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"early_stopping_metric 'acc' is not among this evaluation's metrics \["):
+        train_tiny(cfg)
+
+
 def test_bf16_autocast_run(tmp_path, mcq_files):
     summary = train_tiny(base_cfg(tmp_path, mcq_files, max_steps=3, bf16=True, eval_before=False))
     restored = load_adapter(make_tiny_llama(), tmp_path / "run" / "adapter")

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from riemix.core.layer import MoELoRALinear
+from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
 from riemix.optim.base import RiemannianOptimizer, check_option
 from riemix.optim.radamw import RiemannianAdamW
 from riemix.optim.rsgd import RiemannianSGD
@@ -100,7 +100,8 @@ def build_optimizer(
         The configured ``RiemannianAdamW`` or ``RiemannianSGD``.
 
     Raises:
-        ValueError: Unknown name, invalid lr / gate_lr / loraplus_ratio, or no trainable parameters.
+        ValueError: Unknown name, invalid lr / gate_lr / loraplus_ratio, a model without MoE-LoRA layers,
+            or no trainable parameters.
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in _OPTIMIZERS:
@@ -109,6 +110,8 @@ def build_optimizer(
     check_option(lr >= 0.0, "lr", lr)
     check_option(gate_lr >= 0.0, "gate_lr", gate_lr)
     check_option(loraplus_ratio > 0.0, "loraplus_ratio", loraplus_ratio)
+    if next(iter_moe_lora_layers(model), None) is None:  # else every trainable base weight would be trained
+        raise ValueError("model has no MoE-LoRA layers; call add_moe_lora first")
     groups, pairs = _param_groups(model, lr, gate_lr, loraplus_ratio, gate_max_grad_norm)
     if not groups:
         raise ValueError("model has no trainable parameters; call add_moe_lora first")

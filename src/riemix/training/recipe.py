@@ -267,8 +267,10 @@ def _early_stop(state: TrainState, metrics: dict[str, float]) -> bool:
     improvement (``loss`` is minimised, anything else maximised)."""
     cfg, extra = state.cfg, state.extra
     name = cfg.early_stopping_metric
-    if not cfg.early_stopping_patience or name not in metrics:
+    if not cfg.early_stopping_patience:
         return False
+    if name not in metrics:  # a typo would otherwise switch early stopping off without a word
+        raise ValueError(f"early_stopping_metric {name!r} is not among this evaluation's metrics {sorted(metrics)}")
     value = metrics[name] if name != "loss" else -metrics[name]
     if extra["best"] is None or value > extra["best"]:
         extra["best"], extra["bad_evals"] = value, 0
