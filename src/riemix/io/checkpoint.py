@@ -7,6 +7,7 @@ rename), so a crash never leaves a half checkpoint; only the newest ``keep_last`
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -23,6 +24,15 @@ from riemix.io.fileio import publish_dir, sibling_temp_path
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What NumPy's legacy RNG state (a tuple holding a uint32 array) needs to be unpickled: array
+# reconstruction only, no other callable (``torch.load(weights_only=True)`` refuses everything else).
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+_NUMPY_RNG_GLOBALS = [
+    _NUMPY_CORE.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,12 +123,20 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
 
     Raises:
         FileNotFoundError: if ``path`` has no ``trainer_state.pt``.
-        ValueError: if the checkpoint's trainable tensors do not match the model's.
+        ValueError: if the checkpoint's trainable tensors do not match the model's, or the file holds
+            anything but tensors, containers, numbers and NumPy's RNG state (``weights_only`` loading).
     """
     state_file = Path(path) / "trainer_state.pt"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file}: no trainer state (not a riemix checkpoint?)")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    try:  # tensors, containers, numbers and NumPy's RNG state array only: a crafted file cannot run code
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{state_file}: refused: it holds objects other than tensors, containers, numbers and a NumPy "
+            f"RNG state, so it was not written by riemix (loading it could run code): {str(exc)[-300:]}"
+        ) from exc
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
         diff = sorted(set(params) ^ set(state["trainable"]))
