@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from riemix.data import load_dataset
-from riemix.tasks import LMItem, TaskModel, TaskSpec, collate_lm, encode_train, pack_items
+from riemix.tasks import LMItem, TaskModel, TaskSpec, check_label_words, collate_lm, encode_train, pack_items
 from tests.helpers import make_tiny_llama, tiny_tokenizer, write_mcq
 
 
@@ -33,3 +34,24 @@ def test_pack_items_and_collate_loss_positions():
     # every loss position predicts the token that follows it
     assert torch.equal(flat_ids[batch["loss_index"] + 1], batch["loss_target"])
     assert sorted(batch["loss_target"].tolist()) == [4, 6, 7, 12, 13]
+
+
+def _cls_spec(words):
+    return TaskSpec(model_kind="causal_lm", task="classification", label_words=words)
+
+
+@pytest.mark.parametrize(
+    ("words", "match"),
+    [
+        (["good apple", "good pear"], r"label words \['good apple', 'good pear'\] all start with the token 'good'"),
+        (["good", "zebra"], r"label word 'zebra' starts with the unknown token '<unk>'"),
+    ],
+)
+def test_label_words_the_scoring_cannot_tell_apart_are_refused(words, match):
+    with pytest.raises(ValueError, match=match):
+        check_label_words(_cls_spec(words), tiny_tokenizer())
+
+
+def test_distinct_label_words_and_other_tasks_pass():
+    check_label_words(_cls_spec(["good", "bad"]), tiny_tokenizer())
+    check_label_words(TaskSpec(model_kind="causal_lm", task="mcq"), tiny_tokenizer())

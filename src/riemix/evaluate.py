@@ -16,7 +16,7 @@ from riemix.data import Dataset, load_dataset
 from riemix.hub import load_model, num_labels_for
 from riemix.io.adapter import load_adapter
 from riemix.metrics import compute_metrics
-from riemix.tasks import TaskModel, TaskSpec, eval_batches
+from riemix.tasks import TaskModel, TaskSpec, check_label_words, eval_batches
 
 __all__ = ["predict", "evaluate", "evaluate_model"]
 
@@ -145,5 +145,6 @@ def evaluate_model(
     spec = TaskSpec.for_dataset(
         ds, model_kind, format=format, template=template, label_words=label_words, max_length=max_length
     )
+    check_label_words(spec, tokenizer)
     metrics = evaluate(TaskModel(base, model_kind), ds, spec, tokenizer, batch_size)
     return {"dataset": ds.name, "split": split, "examples": len(ds), **metrics}

@@ -38,6 +38,7 @@ __all__ = [
     "collate_encoder",
     "eval_batches",
     "one_of",
+    "check_label_words",
 ]
 
 #: Model kinds riemix trains and evaluates: a causal LM (``AutoModelForCausalLM``) or an encoder with a
@@ -141,6 +142,39 @@ def _cls_prompt(ex: ClassificationExample, template: str) -> str:
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def check_label_words(spec: TaskSpec, tokenizer) -> None:
+    """Refuse label words the causal-LM scoring cannot tell apart (classification with label words only).
+
+    Each class is scored by the first token of ``" " + word``: two words starting with the same token
+    would always get the same score, and a word whose first token is the unknown token scores the
+    unknown token, so either freezes accuracy without a word of warning.
+
+    Raises:
+        ValueError: naming the words and their first tokens.
+    """
+    if spec.task != "classification" or spec.model_kind != "causal_lm" or not spec.label_words:
+        return
+    firsts: dict[int, list[str]] = {}
+    for word in spec.label_words:
+        ids = _ids(tokenizer, " " + word, False)
+        if not ids:
+            raise ValueError(f"label word {word!r} encodes to no token")
+        if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"label word {word!r} starts with the unknown token {tokenizer.unk_token!r}: pick words the "
+                "tokenizer knows"
+            )
+        firsts.setdefault(ids[0], []).append(word)
+    for token, words in firsts.items():
+        if len(words) > 1:
+            shown = tokenizer.convert_ids_to_tokens(token)
+            raise ValueError(
+                f"label words {words} all start with the token {shown!r} (id {token}): the model scores a "
+                "class by the first token of its word, so these classes cannot be told apart; pick words "
+                "whose first tokens differ"
+            )
 
 
 def _fit(prompt: list[int], target: list[int], max_length: int) -> LMItem:

@@ -34,7 +34,7 @@ from riemix.io.adapter import save_adapter
 from riemix.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from riemix.io.fileio import atomic_write_json, atomic_write_text
 from riemix.optim import build_optimizer
-from riemix.tasks import TaskModel, TaskSpec
+from riemix.tasks import TaskModel, TaskSpec, check_label_words
 from riemix.training.config import TrainConfig
 from riemix.training.data import batch_at, collate, encode_items, load_datasets, seed_everything
 from riemix.training.logging import MetricsLogger, console, format_metrics, format_table
@@ -67,6 +67,8 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None):
         "max_length": cfg.max_length,
     }
     specs = [TaskSpec.for_dataset(ds, kind, **over) for ds in train_sets]
+    for spec in specs:
+        check_label_words(spec, tokenizer)
     add_moe_lora(model, replace(cfg.adapter))  # a copy: the model keeps its own config
     if kind == "sequence_classification":
         for name, module in model.named_modules():
