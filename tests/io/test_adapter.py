@@ -119,6 +119,17 @@ def test_corrupt_or_missing_files(tmp_path):
         load_adapter(make_tiny_llama(), tmp_path / "nowhere")
 
 
+def test_non_finite_weights_with_a_valid_checksum_are_refused(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    _, layer = next(iter_moe_lora_layers(model))
+    with torch.no_grad():
+        layer.lora_B[0, 0, 0] = float("nan")
+        layer.lora_A[0, 0, 1] = float("inf")
+    save_adapter(model, tmp_path)  # a diverged run's adapter: its checksum is valid
+    with pytest.raises(AdapterError, match=r"holds 1 non-finite value\(s\) \(NaN or inf\)"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
 def test_unsupported_format_version(tmp_path):
     save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())

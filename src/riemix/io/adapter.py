@@ -172,7 +172,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Raises:
         AdapterError: missing/corrupt files, a tensor file whose checksum or contents do not match the
-            config, or a base model that differs (class, module names or shapes — all differences named).
+            config, a tensor holding NaN or inf, or a base model that differs (class, module names or
+            shapes — all differences named).
     """
     path = Path(path)
     meta = read_adapter_config(path)
@@ -209,6 +210,9 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise AdapterError(f"{weights}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            bad = int((~torch.isfinite(tensors[key])).sum())
+            raise AdapterError(f"{weights}: {key} holds {bad} non-finite value(s) (NaN or inf): a diverged run?")
     counts = {n: info["num_experts"] for n, info in saved_modules.items()}
     if config.init == "pissa":  # build plain layers, then rebuild the residual from the saved factors
         add_moe_lora(base_model, dataclasses.replace(config, init="zero_b"), counts)
