@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from riemix.core.config import EXPERT_COMPUTE_MODES, INIT_MODES, ROUTING_MODES, MoELoRAConfig
+from riemix.core.config import EXPERT_COMPUTE_MODES, INIT_MODES, ROUTING_MODES, MoELoRAConfig, allowed_types
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MODEL_KINDS
 from riemix.training.config import REGULARIZER_MODES, SCHEDULES
@@ -185,19 +184,18 @@ def _show(value: Any) -> str:
 def _argument(opt: Option, bools: str, choices: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     """``add_argument`` keywords (other than help/default) for ``opt``."""
     hint = opt.hint
-    args = typing.get_args(hint)
-    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = allowed_types(hint)  # (hint,) unless a union
     if opt.name == "resume":  # True (latest checkpoint) or a checkpoint path
         return {"nargs": "?", "const": True, "type": _resume, "metavar": "CHECKPOINT"}
     if hint is bool:
         if bools == "switch":
             return {"action": argparse.BooleanOptionalAction}
         return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "{true,false}"}
-    if typing.get_origin(hint) is list or (is_union and any(typing.get_origin(a) is list for a in args)):
+    if any(typing.get_origin(a) is list for a in args):
         return {"nargs": "+"}
-    base = next((a for a in args if a is not type(None)), str) if is_union else hint
+    base = next((a for a in args if a is not type(None)), str)
     cast = base if base in (int, float, str) else str
-    kw: dict[str, Any] = {"type": _nullable(cast) if is_union and type(None) in args else cast}
+    kw: dict[str, Any] = {"type": _nullable(cast) if type(None) in args else cast}
     if opt.name in choices:
         kw["choices"] = choices[opt.name]
     return kw

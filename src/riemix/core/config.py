@@ -23,6 +23,7 @@ __all__ = [
     "INIT_MODES",
     "REGULARIZER_MODES",
     "EXPERT_COMPUTE_MODES",
+    "allowed_types",
     "check_field_types",
 ]
 
@@ -279,6 +280,13 @@ class MoELoRAConfig:
 _SIMPLE = {bool: "a bool", int: "an int", float: "a number", str: "a string", type(None): "null"}
 
 
+def allowed_types(hint: Any) -> tuple[Any, ...]:
+    """The members of a union type hint (``int | None`` -> ``(int, NoneType)``), or ``(hint,)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def check_field_types(config: Any) -> None:
     """Check every field of a dataclass ``config`` whose type is simple against its value, strictly.
 
@@ -292,7 +300,7 @@ def check_field_types(config: Any) -> None:
     """
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        allowed = typing.get_args(hints[f.name]) if isinstance(hints[f.name], types.UnionType) else (hints[f.name],)
+        allowed = allowed_types(hints[f.name])
         if not all(t in _SIMPLE for t in allowed):
             continue
         value = getattr(config, f.name)

@@ -10,8 +10,9 @@ wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ).
 - ``moe_lora_linear`` runs ``_MoELoRAFunction``: all experts from stacked tensors (h = x̃·A_catᵀ has width
   E·r, is gate-weighted per expert block and multiplied by B_catᵀ), the router logits sharing the matmul
   over x with A when there is no dropout, and a hand-written backward that applies cᵢ without a second
-  pass over B.  It keeps only the gates (k values and indices per token) for the backward, which
-  recomputes h; with gradients off (inference) the same forward runs without an autograd node.  When only
+  pass over B.  It keeps the gates (k values and indices per token) and the selected experts' blocks of h
+  for the backward (only the gates with ``recompute_hidden``); with gradients off (inference) the same
+  forward runs without an autograd node.  When only
   a few experts are active per token (``expert_compute``, see
   ``riemix.core.sparse.use_sparse_experts``) it hands over to ``riemix.core.sparse``, which computes the
   selected (token, expert) pairs only, with the same math.

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig, check_field_types
+from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig, allowed_types, check_field_types
 from riemix.core.regularizers import REGULARIZERS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
@@ -286,8 +285,7 @@ def _yaml_numbers(data: Mapping[str, Any], cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out = dict(data)
     for key, value in data.items():
-        hint = hints.get(key)
-        numeric = hint is float or (isinstance(hint, types.UnionType) and float in typing.get_args(hint))
+        numeric = key in hints and float in allowed_types(hints[key])
         if numeric and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             out[key] = float(value)
     return out
