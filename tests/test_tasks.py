@@ -45,6 +45,7 @@ def _cls_spec(words):
     [
         (["good apple", "good pear"], r"label words \['good apple', 'good pear'\] all start with the token 'good'"),
         (["good", "zebra"], r"label word 'zebra' starts with the unknown token '<unk>'"),
+        (["good", ""], r"label word '' encodes to no token"),
     ],
 )
 def test_label_words_the_scoring_cannot_tell_apart_are_refused(words, match):

@@ -15,9 +15,9 @@ from torch import nn
 
 from riemix import MoELoRAConfig
 from riemix.core import sparse
-from riemix.core.functional import moe_lora_linear, reference_moe_lora_linear
+from riemix.core.functional import RouteSpec, moe_lora_linear, reference_moe_lora_linear
 from riemix.core.layer import MoELoRALinear
-from riemix.core.sparse import SPARSE_MAX_DENSITY, use_sparse_experts
+from riemix.core.sparse import SPARSE_MAX_DENSITY, sparse_moe_lora_linear, use_sparse_experts
 from riemix.core.tuner import add_moe_lora
 
 D = torch.float64
@@ -192,6 +192,13 @@ def test_the_layer_and_the_function_reject_what_the_config_rejects(kwargs, match
         MoELoRALinear(nn.Linear(4, 4), 4, 2, alpha=4.0, top_k=2, routing=routing, expert_compute=compute)
     with pytest.raises(ValueError, match=match):
         _run(moe_lora_linear, _inputs(dropout=False), routing, 0.5, compute)
+
+
+def test_the_sparse_function_called_directly_rejects_a_routing_that_selects_nothing():
+    t = _inputs(dropout=False)
+    spec = RouteSpec("dense", E)
+    with pytest.raises(ValueError, match=r"the sparse expert path needs a routing that selects experts, got 'dense'"):
+        sparse_moe_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["router"], spec, 0.5, 1.0)
 
 
 def _layer(compute: str, dropout: float = 0.0) -> MoELoRALinear:
