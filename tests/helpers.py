@@ -177,6 +177,9 @@ def read_metrics(run_dir, key: str | None = None) -> list[dict]:
 def train_straight_and_resumed(make_cfg: Callable, tmp_path: Path, checkpoint: str = "step-000003"):
     """Train ``make_cfg(out)`` straight, then again resumed from the straight run's ``checkpoint``.
 
+    The resumed run directory is the straight one as it stood when ``checkpoint`` was written (its config,
+    run id, metrics and that checkpoint only), so the resume cuts metrics.jsonl back to the checkpoint.
+
     Returns the two final adapters loaded onto fresh tiny Llamas: (straight, resumed).
     """
     from riemix.io.adapter import load_adapter
@@ -184,6 +187,8 @@ def train_straight_and_resumed(make_cfg: Callable, tmp_path: Path, checkpoint: s
     train_tiny(make_cfg(tmp_path / "straight"))
     ckpt = Path("checkpoints") / checkpoint
     shutil.copytree(tmp_path / "straight" / ckpt, tmp_path / "resumed" / ckpt)
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        shutil.copy(tmp_path / "straight" / name, tmp_path / "resumed" / name)
     torch.manual_seed(999)  # a different ambient RNG state must not matter: the checkpoint restores it
     train_tiny(make_cfg(tmp_path / "resumed", resume=True))
     return tuple(load_adapter(make_tiny_llama(), tmp_path / run / "adapter") for run in ("straight", "resumed"))

@@ -16,7 +16,7 @@ from riemix.data import Dataset, load_dataset
 from riemix.hub import load_model, num_labels_for
 from riemix.io.adapter import load_adapter
 from riemix.metrics import compute_metrics
-from riemix.tasks import TaskModel, TaskSpec, check_label_words, eval_batches
+from riemix.tasks import TaskModel, TaskSpec, check_label_words, check_template, eval_batches, fit_max_length
 
 __all__ = ["predict", "evaluate", "evaluate_model"]
 
@@ -42,7 +42,11 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
     Returns:
         ``{"preds": array}`` (class/choice indices, or regression values) for scored tasks, or
         ``{"loss": mean token loss}`` for SFT.
+
+    An encoder's ``spec.max_length`` beyond its position embeddings is lowered to them, with a warning
+    (``riemix.tasks.fit_max_length``).
     """
+    spec = fit_max_length(spec, getattr(task_model, "module", task_model).model)  # unwrap DDP
     was_training = task_model.training
     task_model.eval()
     device = torch.device(device)
@@ -136,6 +140,8 @@ def evaluate_model(
         riemix.AdapterError: a missing or corrupt adapter.
         ValueError: options that do not fit the dataset (e.g. label words needed but not given).
     """
+    if template is not None:
+        check_template(template)  # before the model loads
     ds = load_dataset(dataset, split, data_dir)
     if subset:
         ds = ds.subset(subset, seed=0)

@@ -17,7 +17,9 @@ the model's classification head with cross-entropy (or MSE for regression).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import string
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ __all__ = [
     "FORMATS",
     "MIN_MAX_LENGTH",
     "MODEL_KINDS",
+    "TEMPLATE_FIELDS",
     "TaskSpec",
     "TaskModel",
     "LMItem",
@@ -39,6 +42,9 @@ __all__ = [
     "eval_batches",
     "one_of",
     "check_label_words",
+    "check_template",
+    "max_positions",
+    "fit_max_length",
 ]
 
 #: Model kinds riemix trains and evaluates: a causal LM (``AutoModelForCausalLM``) or an encoder with a
@@ -48,12 +54,41 @@ MODEL_KINDS: tuple[str, ...] = ("causal_lm", "sequence_classification")
 FORMATS: tuple[str, ...] = ("cloze", "letter")
 #: The smallest token budget per sequence (``max_length``) a task accepts.
 MIN_MAX_LENGTH = 8
+#: The placeholders a prompt ``template`` may use.
+TEMPLATE_FIELDS: tuple[str, ...] = ("text", "text_pair")
 
 
 def one_of(values: tuple[str, ...]) -> str:
     """``"'a' or 'b'"`` / ``"'a', 'b' or 'c'"``: allowed values as error messages name them."""
     quoted = [repr(v) for v in values]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def check_template(template: str) -> None:
+    """Refuse a prompt template ``str.format`` cannot fill from ``TEMPLATE_FIELDS``.
+
+    Only the plain placeholders ``{text}`` and ``{text_pair}`` are allowed (no positional field,
+    conversion or format spec); literal braces are written ``{{`` and ``}}``.
+
+    Raises:
+        ValueError: naming the template, the bad placeholder (or the brace error) and the allowed ones.
+    """
+    allowed = ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
+    hint = f"allowed placeholders: {allowed} (write a literal brace as '{{{{' or '}}}}')"
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string, got {type(template).__name__}")
+    try:
+        fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"template {template!r} is malformed: {exc}; {hint}") from exc
+    for name, conv, spec in fields:
+        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if name not in TEMPLATE_FIELDS:
+            raise ValueError(f"template {template!r} has an unknown placeholder {shown}; {hint}")
+        if conv or spec:
+            raise ValueError(
+                f"template {template!r} has an unsupported placeholder {shown} (no conversion or format spec); {hint}"
+            )
 
 
 DEFAULT_TEMPLATES = {
@@ -90,6 +125,7 @@ class TaskSpec:
             raise ValueError(f"format must be {one_of(FORMATS)}, got {self.format!r}")
         if self.max_length < MIN_MAX_LENGTH:
             raise ValueError(f"max_length must be >= {MIN_MAX_LENGTH}, got {self.max_length}")
+        check_template(self.template)
         if self.model_kind == "causal_lm" and self.task == "regression":
             raise ValueError(
                 "regression tasks need an encoder (task sequence_classification), not a causal LM"
@@ -175,6 +211,54 @@ def check_label_words(spec: TaskSpec, tokenizer) -> None:
                 "class by the first token of its word, so these classes cannot be told apart; pick words "
                 "whose first tokens differ"
             )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the absolute position embeddings of a Hugging Face model cover.
+
+    This is ``config.max_position_embeddings``, less the ``padding_idx + 1`` positions that RoBERTa-style
+    embeddings skip.
+
+    Args:
+        model: a Hugging Face model.
+
+    Returns:
+        The number of usable positions, or None when the config does not say.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if isinstance(padding_idx, int):  # RoBERTa: positions start at padding_idx + 1
+        limit -= padding_idx + 1
+    return limit
+
+
+def fit_max_length(spec: TaskSpec, model: nn.Module) -> TaskSpec:
+    """``spec`` with an encoder's ``max_length`` lowered to the positions its model has.
+
+    A longer ``max_length`` would index past the encoder's position embeddings; the effective budget is
+    ``min(max_length, max_positions(model))``, with a warning naming both (Python shows it once per
+    distinct message). Causal LMs and models without a known limit are left as they are.
+
+    Args:
+        spec: the task presentation.
+        model: the Hugging Face model ``spec`` is used with.
+
+    Returns:
+        ``spec`` itself, or a copy with the lowered ``max_length``.
+    """
+    limit = max_positions(model) if spec.model_kind == "sequence_classification" else None
+    if limit is None or spec.max_length <= limit:
+        return spec
+    warnings.warn(
+        f"max_length {spec.max_length} exceeds the {limit} positions of {type(model).__name__} "
+        f"(max_position_embeddings); encoder inputs are truncated to {limit} tokens",
+        UserWarning,
+        stacklevel=2,
+    )
+    return replace(spec, max_length=limit)
 
 
 def _fit(prompt: list[int], target: list[int], max_length: int) -> LMItem:
@@ -358,6 +442,7 @@ class TaskModel(nn.Module):
         super().__init__()
         self.model = model
         self.model_kind = model_kind
+        self.max_positions = max_positions(model) if model_kind == "sequence_classification" else None
 
     def _hidden(self, batch: dict) -> torch.Tensor:
         out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -374,8 +459,19 @@ class TaskModel(nn.Module):
         return logits
 
     def forward(self, batch: dict, mode: str = "loss") -> torch.Tensor:
-        """``mode="loss"``: mean loss; ``"token_logprobs"``: (P,) target log-probs; ``"choice"``: (B, C)."""
+        """``mode="loss"``: mean loss; ``"token_logprobs"``: (P,) target log-probs; ``"choice"``: (B, C).
+
+        Raises:
+            ValueError: an encoder batch longer than the model's position embeddings (``max_positions``).
+        """
         if self.model_kind == "sequence_classification":
+            length = batch["input_ids"].shape[-1]
+            if self.max_positions is not None and length > self.max_positions:
+                raise ValueError(
+                    f"a batch of {length} tokens is longer than the {self.max_positions} positions of "
+                    f"{type(self.model).__name__} (max_position_embeddings): set max_length to "
+                    f"{self.max_positions} or less"
+                )
             out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
             logits = out.logits  # (B, C)
             if mode != "loss":

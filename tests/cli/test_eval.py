@@ -23,3 +23,31 @@ def test_eval_passes_the_flags_to_evaluate_model(monkeypatch, tmp_path, capsys):
     assert calls == [{"model": "m", "dataset": "d", "label_words": ["no", "yes"], "subset": 3}]
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text()) == fake()
+
+
+def _never_called(**kw):
+    raise AssertionError("evaluate_model must not run")
+
+
+def test_output_that_is_a_directory_exits_2_before_loading(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(eval_command, "evaluate_model", _never_called)
+    assert main(["eval", "--model", "m", "--dataset", "d", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"riemix eval: error: {tmp_path}: --output is a directory; give the path of a JSON file" in err
+
+
+def test_output_under_a_file_exits_2_before_loading(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(eval_command, "evaluate_model", _never_called)
+    blocker = tmp_path / "metrics.json"
+    blocker.write_text("{}")
+    out = blocker / "sub" / "m.json"
+    assert main(["eval", "--model", "m", "--dataset", "d", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"riemix eval: error: {out}: --output cannot be written: {blocker} is a file, not a directory" in err
+
+
+def test_output_in_a_new_directory_is_created(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(eval_command, "evaluate_model", lambda **kw: {"accuracy": 1.0})
+    out = tmp_path / "new" / "dir" / "m.json"
+    assert main(["eval", "--model", "m", "--dataset", "d", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"accuracy": 1.0}

@@ -13,7 +13,7 @@ from riemix.cli import main
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["train", "--lr", "-1", "--model", "x"], "lr must be >= 0, got -1.0"),
+        (["train", "--lr", "-1", "--model", "x"], "lr must be >= 0 and finite, got -1.0"),
         (["train", "--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
         (["train", "--dataset", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
         (

@@ -98,4 +98,4 @@ def test_cli_resume_without_checkpoint(tmp_path, mcq_files, capsys):
         "--no-progress",
     ]
     assert main(argv) == 2
-    assert "no checkpoint found" in capsys.readouterr().err
+    assert "holds no run to continue (no config.yaml); start it without --resume" in capsys.readouterr().err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from riemix import MoELoRAConfig
-from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES
+from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES, allowed_types
 
 
 @pytest.mark.parametrize(
@@ -151,3 +154,43 @@ def test_python_api_types_are_strict_and_name_the_field(kwargs, match):
 def test_ints_are_numbers_and_lists_of_ints_pass():
     cfg = MoELoRAConfig(alpha=16, num_experts=[2, 3])
     assert cfg.alpha == 16 and cfg.num_experts == [2, 3]
+
+
+FLOAT_FIELDS = [
+    "alpha",
+    "dropout",
+    "gate_grad_power",
+    "router_init_std",
+    "init_b_std",
+    "router_temperature",
+    "router_temperature_final",
+    "router_noise_std",
+    "top_p",
+    "scale_anchor_beta",
+]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_non_finite_floats_are_refused_naming_the_field(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be finite, got {value!r}$"):
+        MoELoRAConfig(**{name: value})
+
+
+def test_every_float_field_is_checked_for_finiteness():
+    hints = typing.get_type_hints(MoELoRAConfig)
+    floats = [f.name for f in dataclasses.fields(MoELoRAConfig) if float in allowed_types(hints[f.name])]
+    assert floats == FLOAT_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"init_b_std": "1e-3"}, r"init_b_std must be a number, got '1e-3'"),
+        ({"router_init_std": "0.02"}, r"router_init_std must be a number, got '0.02'"),
+        ({"router_temperature_final": "0.5"}, r"router_temperature_final must be a number or null, got '0.5'"),
+    ],
+)
+def test_strings_in_float_fields_are_refused_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELoRAConfig(**kwargs)

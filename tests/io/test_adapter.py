@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from riemix import AdapterError, MoELoRAConfig, add_moe_lora, iter_moe_lora_layers, load_adapter, save_adapter
 from riemix.core.schedules import set_scale_progress
-from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME
+from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from tests.helpers import make_tiny_bert, make_tiny_llama, tiny_inputs
 
 CFG = dict(num_experts=3, top_k=2, rank=2, target_modules=["q_proj", "v_proj"])
@@ -125,9 +129,34 @@ def test_non_finite_weights_with_a_valid_checksum_are_refused(tmp_path):
     with torch.no_grad():
         layer.lora_B[0, 0, 0] = float("nan")
         layer.lora_A[0, 0, 1] = float("inf")
-    save_adapter(model, tmp_path)  # a diverged run's adapter: its checksum is valid
+    with pytest.raises(ValueError, match=r"refusing to save the adapter to .*non-finite values \(NaN or inf\)"):
+        save_adapter(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with torch.no_grad():
+        layer.lora_A[0, 0, 1], layer.lora_B[0, 0, 0] = 0.0, 0.0
+    save_adapter(model, tmp_path)  # then the file is edited by hand, its checksum updated: still refused
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    tensors[next(k for k in tensors if k.endswith("lora_A"))][0, 0, 1] = float("inf")
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256((tmp_path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(AdapterError, match=r"holds 1 non-finite value\(s\) \(NaN or inf\)"):
         load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_save_adapter_replaces_only_an_adapter_directory(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that are not an adapter's: \['notes.txt'\]"):
+        save_adapter(model, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="it is a file, not a directory"):
+        save_adapter(model, tmp_path / "notes.txt")
+    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a")  # an adapter directory is replaced whole
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
 def test_unsupported_format_version(tmp_path):
@@ -184,3 +213,83 @@ def test_save_load_round_trips_new_parameters_and_state(tmp_path, extra):
     for (_, a), (_, b) in zip(iter_moe_lora_layers(model), iter_moe_lora_layers(restored), strict=True):
         assert (a.scale_factor, a.router_temperature) == (b.scale_factor, b.router_temperature)
     torch.testing.assert_close(restored(**tiny_inputs()).logits, model(**tiny_inputs()).logits, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def saved_meta(tmp_path_factory) -> dict:
+    """The parsed ``adapter_config.json`` of a freshly saved tiny adapter."""
+    folder = tmp_path_factory.mktemp("adapter")
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), folder)
+    return json.loads((folder / CONFIG_NAME).read_text())
+
+
+@pytest.mark.parametrize(
+    ("top_level", "kind"), [([1, 2], "list"), (3.5, "float"), ("riemix-moe-lora", "str"), (None, "NoneType")]
+)
+def test_config_that_is_not_a_json_object_is_refused(tmp_path, top_level, kind):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(top_level))
+    msg = rf"{re.escape(str(tmp_path / CONFIG_NAME))}: not a riemix adapter \(expected a JSON object, got {kind}\)"
+    with pytest.raises(AdapterError, match=msg):
+        read_adapter_config(tmp_path)
+    with pytest.raises(AdapterError, match=msg):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def _drop(meta: dict, *keys: str) -> None:
+    for key in keys[:-1]:
+        meta = meta[key]
+    del meta[keys[-1]]
+
+
+def _set(meta: dict, *keys_and_value) -> None:
+    *keys, value = keys_and_value
+    for key in keys[:-1]:
+        meta = meta[key]
+    meta[keys[-1]] = value
+
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: _drop(m, "config"), "required key config is missing"),
+        (lambda m: _drop(m, "base_model"), "required key base_model is missing"),
+        (lambda m: _drop(m, "weights_sha256"), "required key weights_sha256 is missing"),
+        (lambda m: _drop(m, "base_model", "model_class"), "required key base_model.model_class is missing"),
+        (lambda m: _drop(m, "base_model", "modules"), "required key base_model.modules is missing"),
+        (
+            lambda m: _drop(m, "base_model", "modules", Q0, "rank"),
+            f"required key base_model.modules.{Q0}.rank is missing",
+        ),
+        (lambda m: _set(m, "config", [1, 2]), "config must be a JSON object, got list"),
+        (lambda m: _set(m, "config", None), "config must be a JSON object, got NoneType"),
+        (lambda m: _set(m, "weights_sha256", 7), "weights_sha256 must be a string, got int"),
+        (lambda m: _set(m, "base_model", "LlamaForCausalLM"), "base_model must be a JSON object, got str"),
+        (lambda m: _set(m, "base_model", "model_class", 1), "base_model.model_class must be a string, got int"),
+        (lambda m: _set(m, "base_model", "modules", ["q_proj"]), "base_model.modules must be a JSON object, got list"),
+        (lambda m: _set(m, "base_model", "modules", {}), "base_model.modules is empty"),
+        (lambda m: _set(m, "base_model", "modules", Q0, 32), f"base_model.modules.{Q0} must be a JSON object, got int"),
+        (
+            lambda m: _set(m, "base_model", "modules", Q0, "in_features", "32"),
+            f"base_model.modules.{Q0}.in_features must be an integer, got str",
+        ),
+        (
+            lambda m: _set(m, "base_model", "modules", Q0, "num_experts", True),
+            f"base_model.modules.{Q0}.num_experts must be an integer, got bool",
+        ),
+        (lambda m: _set(m, "runtime", [1.0]), "runtime must be a JSON object, got list"),
+    ],
+)
+def test_missing_or_badly_typed_keys_are_named(tmp_path, saved_meta, edit, message):
+    meta = copy.deepcopy(saved_meta)
+    edit(meta)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    msg = re.escape(f"{tmp_path / CONFIG_NAME}: {message}")
+    with pytest.raises(AdapterError, match=msg):
+        read_adapter_config(tmp_path)
+    base = make_tiny_llama()
+    with pytest.raises(AdapterError, match=msg):
+        load_adapter(base, tmp_path)
+    assert not list(iter_moe_lora_layers(base))

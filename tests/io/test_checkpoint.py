@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from riemix import MoELoRAConfig, add_moe_lora, build_optimizer
-from riemix.io.checkpoint import load_checkpoint, save_checkpoint
+from riemix.io.checkpoint import (
+    CheckpointError,
+    clean_checkpoint_temps,
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 
 class _RunsCode:
@@ -15,6 +27,13 @@ class _RunsCode:
 
     def __reduce__(self):
         return exec, ("import builtins; builtins.riemix_pwned = True",)
+
+
+def _reseal(path):
+    """Update a checkpoint's manifest checksum after its trainer state was edited."""
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    manifest["trainer_state_sha256"] = hashlib.sha256((path / "trainer_state.pt").read_bytes()).hexdigest()
+    (path / "checkpoint.json").write_text(json.dumps(manifest))
 
 
 def _parts():
@@ -53,6 +72,70 @@ def test_a_crafted_trainer_state_is_refused_without_running_it(tmp_path):
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     state["extra"] = {"payload": _RunsCode()}
     torch.save(state, path / "trainer_state.pt")
-    with pytest.raises(ValueError, match=r"trainer_state\.pt: refused: .*not written by riemix"):
+    _reseal(path)  # a crafted file with a matching checksum: the weights_only load must refuse it
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: refused: .*not written by riemix"):
         load_checkpoint(path, *_parts())
     assert not hasattr(builtins, "riemix_pwned")
+
+
+def test_a_bit_flipped_or_truncated_trainer_state_is_refused(tmp_path):
+    model, opt, sched = _parts()
+    path = save_checkpoint(tmp_path, 1, model, opt, sched, {"run_id": "r1"}, keep_last=2)
+    assert read_checkpoint(path)["run_id"] == "r1"
+    data = bytearray((path / "trainer_state.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: the zip may still load, with a silently changed moment
+    (path / "trainer_state.pt").write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=r"trainer_state\.pt: checksum mismatch: the file is truncated or corrupt"
+    ):
+        load_checkpoint(path, *_parts())
+    (path / "trainer_state.pt").write_bytes(bytes(data[:100]))
+    _reseal(path)  # truncated, checksum made to match: still refused, as unreadable
+    with pytest.raises(CheckpointError, match=r"unreadable trainer state"):
+        read_checkpoint(path)
+    (path / "checkpoint.json").write_text("[")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: corrupt checkpoint manifest"):
+        read_checkpoint(path)
+    os.remove(path / "checkpoint.json")
+    with pytest.raises(CheckpointError, match=r"no checkpoint\.json \(not a complete riemix checkpoint\)"):
+        read_checkpoint(path)
+
+
+def test_find_resumable_falls_back_to_the_previous_intact_checkpoint_of_the_same_run(tmp_path):
+    model, opt, sched = _parts()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, sched, {"run_id": "mine"}, keep_last=5)
+    save_checkpoint(tmp_path, 4, model, opt, sched, {"run_id": "other"}, keep_last=5)
+    root = tmp_path / "checkpoints"
+    (root / "step-000003" / "trainer_state.pt").write_bytes(b"garbage")
+    said = []
+    assert find_resumable(tmp_path, "mine", said.append) == root / "step-000002"
+    assert "step-000004 (written by run other, not this run mine)" in said[0]
+    assert "step-000003 (" in said[0] and "checksum mismatch" in said[0]
+    assert said[0].endswith("resuming from step-000002 instead")
+    assert find_resumable(tmp_path, "nobody-else", said.append) is None
+
+
+def test_a_non_finite_model_never_becomes_a_checkpoint(tmp_path):
+    model, opt, sched = _parts()
+    save_checkpoint(tmp_path, 1, model, opt, sched, {}, keep_last=2)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=r"refusing to write .*step-000002: non-finite values"):
+        save_checkpoint(tmp_path, 2, model, opt, sched, {}, keep_last=1)
+    assert latest_checkpoint(tmp_path).name == "step-000001"  # the last good one is kept, not pruned
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_orphaned_temporary_checkpoints_of_dead_writers_are_removed(tmp_path):
+    from riemix.io import fileio
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    host = fileio._host_tag()
+    dead = root / f".step-000003.tmp.{host}.999999999.abcd1234"  # no such pid
+    alive = root / f".step-000004.tmp.{host}.{os.getpid()}.abcd1234"
+    dead.mkdir()
+    alive.mkdir()
+    clean_checkpoint_temps(tmp_path)
+    assert not dead.exists() and alive.exists()

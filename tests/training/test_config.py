@@ -17,25 +17,30 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"lr": -1.0}, r"lr must be >= 0, got -1.0"),
+        ({"lr": -1.0}, r"lr must be >= 0 and finite, got -1.0"),
         ({"batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
-        ({"max_steps": -5}, r"max_steps must be an int >= 0, got -5"),
+        ({"max_steps": 0}, r"max_steps must be an int >= 1, got 0"),
+        ({"lr": float("inf")}, r"lr must be >= 0 and finite, got inf"),
+        ({"weight_decay": float("inf")}, r"weight_decay must be >= 0 and finite, got inf"),
+        ({"loraplus_ratio": float("inf")}, r"loraplus_ratio must be > 0 and finite, got inf"),
+        ({"divergence_loss_ratio": 1.0}, r"divergence_loss_ratio must be a finite number > 1 or null, got 1.0"),
+        ({"resume": True, "overwrite": True}, r"resume and overwrite exclude each other"),
         ({"format": "mc"}, r"format must be 'cloze' or 'letter', got 'mc'"),
         ({"schedule": "cosine"}, r"schedule must be 'linear' or 'constant', got 'cosine'"),
         ({"optimizer": "lion"}, r"optimizer must be one of adamw, radamw, rsgd, sgd, got 'lion'"),
         ({"model_kind": "seq2seq"}, r"model_kind must be"),
         ({"train_subset": 0}, r"train_subset must be an int >= 1 or null, got 0"),
-        ({"gate_lr": -1.0}, r"gate_lr must be >= 0 or null, got -1.0"),
-        ({"loraplus_ratio": 0.0}, r"loraplus_ratio must be > 0, got 0.0"),
+        ({"gate_lr": -1.0}, r"gate_lr must be >= 0 and finite, or null, got -1.0"),
+        ({"loraplus_ratio": 0.0}, r"loraplus_ratio must be > 0 and finite, got 0.0"),
         ({"gate_max_grad_norm": 0.0}, r"gate_max_grad_norm must be > 0 or null, got 0.0"),
         ({"max_length": 4}, r"max_length must be >= 8, got 4"),
         ({"adapter": {"top_k": 99}}, r"adapter.top_k must be in 1..num_experts"),
         ({"adapter": {"experts": 3}}, r"adapter: .*unexpected keyword argument 'experts'"),
         ({"bogus": 1}, r"config: unknown option\(s\) \['bogus'\]"),
         ({"diagnostics_every": -1}, r"diagnostics_every must be an int >= 0, got -1"),
-        ({"uniform_prior_coef": -0.1}, r"uniform_prior_coef must be >= 0, got -0.1"),
-        ({"diversity_coef": -1.0}, r"diversity_coef must be >= 0, got -1.0"),
-        ({"orthogonality_coef": float("nan")}, r"orthogonality_coef must be >= 0, got nan"),
+        ({"uniform_prior_coef": -0.1}, r"uniform_prior_coef must be >= 0 and finite, got -0.1"),
+        ({"diversity_coef": -1.0}, r"diversity_coef must be >= 0 and finite, got -1.0"),
+        ({"orthogonality_coef": float("nan")}, r"orthogonality_coef must be >= 0 and finite, got nan"),
         ({"regularizer_mode": "grad"}, r"regularizer_mode must be 'loss' or 'inject', got 'grad'"),
     ],
 )
@@ -113,3 +118,17 @@ def test_yaml_reads_exponent_numbers_but_not_truthy_strings(tmp_path):
     bad.write_text("adapter:\n  use_rslora: 'no'\n")
     with pytest.raises(ValueError, match=r"adapter\.use_rslora must be a bool, got 'no'"):
         TrainConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "match"),
+    [
+        ({"alpha": "16"}, r"^adapter\.alpha must be a number, got '16'$"),
+        ({"alpha": float("inf")}, r"^adapter\.alpha must be finite, got inf$"),
+        ({"init_b_std": float("nan")}, r"^adapter\.init_b_std must be finite, got nan$"),
+        ({"router_init_std": float("inf")}, r"^adapter\.router_init_std must be finite, got inf$"),
+    ],
+)
+def test_adapter_strings_and_non_finite_numbers_name_the_field(adapter, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(adapter=adapter)

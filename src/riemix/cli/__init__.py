@@ -3,7 +3,7 @@ parameters it sets (``riemix.cli.flags``).
 
 riemix train                                  # the default job (SmolLM2-135M on SST-2)
 riemix train --config configs/paper.yaml --lr 2e-5 --output-dir runs/x
-riemix train --output-dir runs/x --resume     # continue the latest checkpoint
+riemix train --output-dir runs/x --resume     # continue that run from its newest intact checkpoint
 riemix eval --model smollm2-135m --adapter runs/x/adapter --dataset glue/sst2
 riemix inspect runs/x                         # routing/expert diagnostics: tables + plots
 riemix check-init smollm2-135m --init pissa   # does the adapter init change the model's outputs?
@@ -15,7 +15,10 @@ Each subcommand module has ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(
 from __future__ import annotations
 
 import argparse
+import errno
+import shutil
 import sys
+from pathlib import Path
 
 from riemix.cli import check_init as check_init_command
 from riemix.cli import eval as eval_command
@@ -24,6 +27,7 @@ from riemix.cli import train as train_command
 from riemix.data import DataError
 from riemix.hub import ModelLoadError
 from riemix.io.adapter import AdapterError
+from riemix.training.guard import TrainingDiverged, TrainingInterrupted
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +35,19 @@ __all__ = ["build_parser", "main"]
 COMMANDS = (train_command, eval_command, inspect_command, check_init_command)
 #: Exceptions that mean bad input: reported in one line, exit status 2.
 INPUT_ERRORS = (ValueError, DataError, AdapterError, ModelLoadError, FileNotFoundError)
+#: File-system failures reported in one line (exit status 2) instead of a traceback.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``cannot write <file>: No space left on device (12.0 MiB free on <dir>)``."""
+    where = Path(exc.filename) if exc.filename else None
+    text = f"cannot write {where}: {exc.strerror}" if where else f"{exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and where is not None:
+        folder = next((p for p in [where, *where.parents] if p.exists()), None)
+        if folder is not None:
+            text += f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free on {folder})"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.handler(ns)
+    except TrainingDiverged as exc:  # nothing non-finite was saved: the last checkpoint and adapter are good
+        print(f"riemix {ns.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingInterrupted as exc:  # a checkpoint of the last step was written
+        print(f"riemix {ns.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except INPUT_ERRORS as exc:
         print(f"riemix {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        print(f"riemix {ns.command}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 2

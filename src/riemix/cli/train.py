@@ -2,12 +2,14 @@
 
 Every ``TrainConfig`` field is a flag, and so is every ``MoELoRAConfig`` field of its ``adapter``
 (``--rank 8``, ``--experts 4``). Flags override the YAML file of ``--config``; the options not given keep
-the file's value, else the default.
+the file's value, else the default.  ``--resume`` without ``--config`` starts from the run's saved
+``config.yaml`` (so ``riemix train --output-dir runs/x --resume`` continues that run as it was).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from riemix.cli.flags import ADAPTER_OPTIONS, add_adapter_options, add_options, dataclass_options, given_values
 from riemix.training.config import TrainConfig
@@ -43,13 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Build the ``TrainConfig`` (``--config`` file, then the flags given) and train; returns 0."""
+    """Build the ``TrainConfig`` (``--config`` file or, for ``--resume``, the run's saved config; then the
+    flags given) and train; returns 0."""
     opts = given_values(ns, OPTIONS)
     adapter = given_values(ns, ADAPTER_OPTIONS)
     if adapter:
         opts["adapter"] = adapter
+    saved = Path(opts.get("output_dir", TrainConfig.output_dir)) / "config.yaml"
     if ns.config:
         cfg = TrainConfig.from_yaml(ns.config, opts)
+    elif opts.get("resume") and saved.is_file():  # continue the run as it was; flags may change safe fields
+        cfg = TrainConfig.from_yaml(saved, opts)
     else:
         cfg = TrainConfig.from_dict(opts, source="command line")
     train(cfg)

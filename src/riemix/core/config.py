@@ -8,6 +8,7 @@ so that adapter files are self-describing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -130,6 +131,10 @@ class MoELoRAConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        for f in dataclasses.fields(self):  # inf/nan fit no float field (alpha, stds, temperatures, ...)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
         if isinstance(self.num_experts, bool):
             raise ValueError(f"num_experts must be an int, list or callable, got {self.num_experts!r}")
         if isinstance(self.num_experts, int):

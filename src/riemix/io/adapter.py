@@ -9,8 +9,12 @@ An adapter directory holds two files, each written atomically:
   moved into the experts, so the residual base can be rebuilt from the original model);
 - ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
   model (class name and, per wrapped module, its in/out features, expert count and rank: the dimensions
-  the table's shapes are computed from) and the SHA-256 of the tensor file.  It is written last, so a
-  directory with a config is complete.
+  the table's shapes are computed from) and the SHA-256 of the tensor file.
+
+The directory is built in a hidden sibling and published whole (``riemix.io.fileio.publish_dir``: fsync,
+then an atomic exchange with the previous adapter), so a crash at any instant leaves the previous
+complete adapter or the new one, never a mix.  Non-finite tensors are refused: a diverged model never
+replaces a good adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ from riemix.core.config import MoELoRAConfig
 from riemix.core.init import restore_pissa
 from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
 from riemix.core.tuner import add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
-from riemix.io.fileio import atomic_write, atomic_write_json
+from riemix.io.fileio import atomic_write, atomic_write_json, publish_dir, recover_dir, sibling_temp_path
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
 
@@ -84,34 +89,64 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
         The directory path.
 
     Raises:
-        ValueError: if the model carries no MoE-LoRA adapters.
+        ValueError: if the model carries no MoE-LoRA adapters or non-finite tensors, or ``path`` is a file
+            or a directory holding other files than an adapter's (it is replaced whole).
     """
     config = getattr(model, "moe_lora_config", None)
     fingerprint = _fingerprint(model)
     if config is None or not fingerprint["modules"]:
         raise ValueError("model has no MoE-LoRA adapters to save; call add_moe_lora first")
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    weights = atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
-        "base_model": fingerprint,
-        "weights_sha256": _sha256(weights),
-        "extra": extra or {},
-        "runtime": _runtime_state(model),
-    }
-    atomic_write_json(out / CONFIG_NAME, meta)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged model must not replace a good adapter
+        raise ValueError(f"refusing to save the adapter to {out}: non-finite values (NaN or inf) in {bad[:3]}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot save the adapter to {out}: it is a file, not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME)) if out.is_dir() else []
+    if foreign:  # the directory is replaced whole: never take a user's other files with it
+        raise ValueError(
+            f"refusing to save the adapter to {out}: it holds files that are not an adapter's: {foreign[:5]}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling_temp_path(out)  # the whole directory is built aside and published in one rename
+    tmp.mkdir()
+    try:
+        weights = atomic_write(tmp / WEIGHTS_NAME, lambda t: save_file(tensors, t, metadata={"format": "pt"}))
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "base_model": fingerprint,
+            "weights_sha256": _sha256(weights),
+            "extra": extra or {},
+            "runtime": _runtime_state(model),
+        }
+        atomic_write_json(tmp / CONFIG_NAME, meta)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``adapter_config.json`` of an adapter directory.
 
+    Besides the format name and version, the structure ``load_adapter`` relies on is checked: ``config``
+    is a mapping, ``weights_sha256`` a string, ``base_model`` a mapping with a string ``model_class`` and
+    a ``modules`` mapping whose entries hold integer ``in_features``, ``out_features``, ``num_experts``
+    and ``rank``, and ``runtime``, when present, a mapping.
+
+    Args:
+        path: the adapter directory.
+
+    Returns:
+        The parsed config.
+
     Raises:
-        AdapterError: missing directory/file, invalid JSON, or an unsupported format version.
+        AdapterError: missing directory/file, invalid JSON, a top level that is not a JSON object, an
+            unsupported format version, or a required key that is missing or of the wrong type (named).
     """
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
@@ -120,12 +155,37 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{cfg_path}: corrupt adapter config: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{cfg_path}: not a riemix adapter (expected a JSON object, got {type(meta).__name__})")
+    if meta.get("format") != FORMAT_NAME:
         raise AdapterError(f"{cfg_path}: not a riemix adapter (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
             f"{cfg_path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         )
+
+    def require(container: dict[str, Any], key: str, kind: type, where: str) -> Any:
+        if key not in container:
+            raise AdapterError(f"{cfg_path}: required key {where}{key} is missing")
+        value = container[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = {dict: "a JSON object", str: "a string", int: "an integer"}[kind]
+            raise AdapterError(f"{cfg_path}: {where}{key} must be {expected}, got {type(value).__name__}")
+        return value
+
+    require(meta, "config", dict, "")
+    require(meta, "weights_sha256", str, "")
+    base = require(meta, "base_model", dict, "")
+    require(base, "model_class", str, "base_model.")
+    modules = require(base, "modules", dict, "base_model.")
+    if not modules:
+        raise AdapterError(f"{cfg_path}: base_model.modules is empty (the adapter adapts no module)")
+    for name in modules:
+        info = require(modules, name, dict, "base_model.modules.")
+        for field in ("in_features", "out_features", "num_experts", "rank"):
+            require(info, field, int, f"base_model.modules.{name}.")
+    if meta.get("runtime") is not None:
+        require(meta, "runtime", dict, "")
     return meta
 
 
@@ -176,6 +236,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
             shapes — all differences named).
     """
     path = Path(path)
+    recover_dir(path)  # a save interrupted on a system without atomic exchange left it renamed aside
     meta = read_adapter_config(path)
     cfg_path = path / CONFIG_NAME
     weights = path / WEIGHTS_NAME

@@ -1,12 +1,19 @@
 """Training checkpoints: adapter + trainable tensors + optimizer + scheduler + RNG + step, atomically.
 
-Layout: ``<run>/checkpoints/step-000120/{adapter/, trainer_state.pt}``.  Each checkpoint is written
-into a hidden temporary directory and published with :func:`riemix.io.fileio.publish_dir` (fsync, then
-rename), so a crash never leaves a half checkpoint; only the newest ``keep_last`` are kept.
+Layout: ``<run>/checkpoints/step-000120/{adapter/, trainer_state.pt, checkpoint.json}``.  Each checkpoint
+is written into a hidden temporary directory and published with :func:`riemix.io.fileio.publish_dir`
+(fsync, then rename), so a crash never leaves a half checkpoint; only the newest ``keep_last`` are kept.
+
+``checkpoint.json`` (written last) records the step, the run id of the run that wrote it and the SHA-256
+of ``trainer_state.pt``: a truncated or bit-flipped state is refused (:class:`CheckpointError`) instead
+of resuming with silently changed optimizer moments, and :func:`find_resumable` falls back to the
+previous intact checkpoint of the same run, saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import random
 import re
@@ -19,9 +26,27 @@ import torch
 from torch import nn
 
 from riemix.io.adapter import save_adapter
-from riemix.io.fileio import publish_dir, sibling_temp_path
+from riemix.io.fileio import atomic_write_json, clean_stale_temp_dirs, publish_dir, sibling_temp_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "clean_checkpoint_temps",
+    "find_resumable",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+STATE_NAME = "trainer_state.pt"
+MANIFEST_NAME = "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupt, foreign to the run, or does not fit the model."""
+
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # What NumPy's legacy RNG state (a tuple holding a uint32 array) needs to be unpickled: array
@@ -61,9 +86,17 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    found = [p for _, p in _checkpoints(Path(run_dir)) if (p / "trainer_state.pt").is_file()]
+    """The newest complete checkpoint directory of a run (one with its manifest), or None."""
+    found = [p for _, p in _checkpoints(Path(run_dir)) if (p / MANIFEST_NAME).is_file()]
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -83,7 +116,8 @@ def save_checkpoint(
         model: the adapted model (its trainable tensors and adapters are saved).
         optimizer: optimizer whose state is saved.
         scheduler: LR scheduler (``state_dict``-able).
-        extra: JSON/pickle-able trainer bookkeeping (best metric, patience, history ...).
+        extra: JSON/pickle-able trainer bookkeeping (best metric, patience, history ...); its ``run_id``
+            (if any) is also recorded in the manifest.
         keep_last: how many checkpoints to keep (>= 1).
 
     Returns:
@@ -95,8 +129,11 @@ def save_checkpoint(
     tmp = sibling_temp_path(final)
     tmp.mkdir()
     try:
-        save_adapter(model, tmp / "adapter")
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        bad = [n for n, t in trainable.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # never poison the last good checkpoint
+            raise CheckpointError(f"refusing to write {final}: non-finite values in {bad[:3]}")
+        save_adapter(model, tmp / "adapter")
         state = {
             "step": step,
             "trainable": trainable,
@@ -105,7 +142,9 @@ def save_checkpoint(
             "rng": rng_state(),
             "extra": extra,
         }
-        torch.save(state, tmp / "trainer_state.pt")
+        torch.save(state, tmp / STATE_NAME)
+        manifest = {"step": step, "run_id": extra.get("run_id"), "trainer_state_sha256": _sha256(tmp / STATE_NAME)}
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,32 +154,75 @@ def save_checkpoint(
     return final
 
 
+def clean_checkpoint_temps(run_dir: str | Path) -> None:
+    """Remove the temporary checkpoint directories that crashed writers left in ``<run>/checkpoints``."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        names = {p.name.split(".")[1] for p in root.glob(".step-*.*")}  # ".step-000003.tmp.<host>..." -> step
+        for name in names:
+            clean_stale_temp_dirs(root / name)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and verify a checkpoint's trainer state without touching any model.
+
+    Returns:
+        The saved state (``step``, ``trainable``, ``optimizer``, ``scheduler``, ``rng``, ``extra``) plus
+        ``run_id`` from the manifest.
+
+    Raises:
+        CheckpointError: no manifest or state (an incomplete or foreign directory), a checksum mismatch
+            (truncated or bit-flipped file), or a file holding anything but tensors, containers, numbers
+            and NumPy's RNG state (``weights_only`` loading: a crafted file cannot run code).
+    """
+    path = Path(path)
+    state_file, manifest_file = path / STATE_NAME, path / MANIFEST_NAME
+    if not state_file.is_file() or not manifest_file.is_file():
+        missing = STATE_NAME if not state_file.is_file() else MANIFEST_NAME
+        raise CheckpointError(f"{path}: no {missing} (not a complete riemix checkpoint)")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        expected = manifest["trainer_state_sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_file}: corrupt checkpoint manifest: {exc!r}") from exc
+    if _sha256(state_file) != expected:
+        raise CheckpointError(f"{state_file}: checksum mismatch: the file is truncated or corrupt")
+    try:  # tensors, containers, numbers and NumPy's RNG state array only: a crafted file cannot run code
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{state_file}: refused: it holds objects other than tensors, containers, numbers and a NumPy "
+            f"RNG state, so it was not written by riemix (loading it could run code): {str(exc)[-300:]}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable trainer state: {str(exc)[-300:]}") from exc
+    state["run_id"] = manifest.get("run_id")
+    return state
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
+
+    The file is read and verified (:func:`read_checkpoint`) before anything is changed.
 
     Returns:
         The saved state's ``{"step", "extra"}``.
 
     Raises:
-        FileNotFoundError: if ``path`` has no ``trainer_state.pt``.
-        ValueError: if the checkpoint's trainable tensors do not match the model's, or the file holds
-            anything but tensors, containers, numbers and NumPy's RNG state (``weights_only`` loading).
+        CheckpointError: as :func:`read_checkpoint`, or trainable tensors that differ from the model's.
     """
-    state_file = Path(path) / "trainer_state.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file}: no trainer state (not a riemix checkpoint?)")
-    try:  # tensors, containers, numbers and NumPy's RNG state array only: a crafted file cannot run code
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{state_file}: refused: it holds objects other than tensors, containers, numbers and a NumPy "
-            f"RNG state, so it was not written by riemix (loading it could run code): {str(exc)[-300:]}"
-        ) from exc
+    state = read_checkpoint(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
         diff = sorted(set(params) ^ set(state["trainable"]))
-        raise ValueError(f"{state_file}: trainable parameters differ from the model's: {diff[:5]}")
+        raise CheckpointError(f"{Path(path) / STATE_NAME}: trainable parameters differ from the model's: {diff[:5]}")
+    for name, value in state["trainable"].items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"{Path(path) / STATE_NAME}: {name} has shape {tuple(value.shape)}, the model's is "
+                f"{tuple(params[name].shape)}"
+            )
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
@@ -148,3 +230,32 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}
+
+
+def find_resumable(run_dir: str | Path, run_id: str | None, log=print) -> Path | None:
+    """The newest intact checkpoint of run ``run_id`` in ``run_dir``, or None.
+
+    Corrupt checkpoints are skipped with a message naming them and the one used instead; checkpoints of
+    another run (a different ``run_id``) are never chosen.
+
+    Args:
+        run_dir: The run directory.
+        run_id: The run's id (``None`` accepts checkpoints without one, written before run ids).
+        log: Where the fall-back messages go.
+    """
+    skipped: list[str] = []
+    for _, path in reversed(_checkpoints(Path(run_dir))):
+        try:
+            saved_id = read_checkpoint(path)["run_id"]
+        except CheckpointError as exc:
+            skipped.append(f"{path.name} ({exc})")
+            continue
+        if run_id is not None and saved_id is not None and saved_id != run_id:
+            skipped.append(f"{path.name} (written by run {saved_id}, not this run {run_id})")
+            continue
+        if skipped:
+            log(f"warning: skipped checkpoint(s) {'; '.join(skipped)}; resuming from {path.name} instead")
+        return path
+    if skipped:
+        log(f"warning: no usable checkpoint: {'; '.join(skipped)}")
+    return None

@@ -6,8 +6,10 @@ leaves either the old file or the new one, never a half-written file.
 Directories: build the complete directory in a hidden sibling (:func:`sibling_temp_path`), then
 :func:`publish_dir` flushes it to disk and renames it into place. A directory already in the way is
 either kept (when the caller says it is as good as ours: another process published it first) or
-renamed aside and deleted, so at every instant the final path is absent, the complete old
-directory or the complete new one. Temporary names carry the host and process id, so
+swapped with the new one in one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux) and then deleted, so at
+every instant the final path holds the complete old directory or the complete new one. Where the
+exchange is not available it is renamed aside first (a crash in that instant leaves the old copy under
+its hidden ``.old`` name, which :func:`recover_dir` puts back). Temporary names carry the host and process id, so
 :func:`clean_stale_temp_dirs` can tell leftovers of crashed writers from directories of writers
 still running (on this host or another one sharing the folder).
 """
@@ -15,6 +17,8 @@ still running (on this host or another one sharing the folder).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -38,6 +42,7 @@ __all__ = [
     "discard_dir",
     "fsync_tree",
     "publish_dir",
+    "recover_dir",
     "sibling_temp_path",
 ]
 
@@ -153,6 +158,12 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         if path.is_file():
             with contextlib.suppress(OSError), open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+    for sub in [*(p for p in directory.rglob("*") if p.is_dir()), directory]:
+        _fsync_dir(sub)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry change (a rename) to disk."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -170,6 +181,43 @@ def discard_dir(path: str | os.PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2``); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    ok = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return ok
+
+
+def recover_dir(final: str | os.PathLike) -> bool:
+    """Put back a directory a crashed :func:`publish_dir` had renamed aside (no-exchange fall-back).
+
+    When ``final`` is missing and a complete ``.old`` sibling of a dead writer exists, it is renamed back.
+
+    Returns:
+        Whether a directory was restored.
+    """
+    final = Path(final)
+    if final.exists():
+        return False
+    for entry in sorted(final.parent.glob(f".{final.name}.old.*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        parts = entry.name[len(f".{final.name}.old.") :].rsplit(".", 2)
+        if len(parts) == 3 and parts[0] == _host_tag() and parts[1].isdigit() and _pid_alive(int(parts[1])):
+            continue  # its writer is still running
+        with contextlib.suppress(OSError):
+            os.rename(entry, final)
+            logger.warning("restored %s from %s (left by an interrupted write)", final, entry.name)
+            return True
+    return False
 
 
 def publish_dir(
@@ -200,9 +248,17 @@ def publish_dir(
     """
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
+    if final.is_dir():
+        if keep_existing is not None and keep_existing(final):
+            return False
+        if _exchange(tmp, final):  # one atomic step: no instant without a complete directory at final
+            _fsync_dir(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
+            return True
     for _ in range(attempts):
         try:
             os.rename(tmp, final)
+            _fsync_dir(final.parent)
             return True
         except OSError:
             if not final.exists():

@@ -23,16 +23,36 @@ from riemix.core.regularizers import REGULARIZERS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
 
-__all__ = ["SCHEDULES", "TrainConfig"]
+__all__ = ["RESUME_SAFE_FIELDS", "SCHEDULES", "TrainConfig"]
 
 #: Learning-rate schedules accepted by ``TrainConfig.schedule`` (``riemix.core.schedules.linear_schedule``;
 #: both start with the linear warm-up).
 SCHEDULES: tuple[str, ...] = ("linear", "constant")
 
-# Fields validated as ints >= 1 / ints >= 0 / numbers >= 0.
-_POSITIVE_INTS = ("batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every")
-_NON_NEGATIVE_INTS = (
+#: The fields a resume may change (``--resume`` with other values continues the same run); a difference in
+#: any other field (model, data, adapter, optimizer, schedule ...) is refused, naming it.
+RESUME_SAFE_FIELDS: tuple[str, ...] = (
     "max_steps",
+    "eval_every",
+    "eval_batch_size",
+    "early_stopping_patience",
+    "diagnostics_every",
+    "output_dir",
+    "save_every",
+    "keep_last",
+    "resume",
+    "overwrite",
+    "gradient_checkpointing",
+    "cpu",
+    "log_every",
+    "tensorboard",
+    "progress",
+    "verbose",
+)
+
+# Fields validated as ints >= 1 / ints >= 0 / numbers >= 0.
+_POSITIVE_INTS = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every")
+_NON_NEGATIVE_INTS = (
     "warmup_steps",
     "eval_every",
     "save_every",
@@ -77,7 +97,7 @@ class TrainConfig:
         gate_max_grad_norm: Gradient-norm clip of the routers (> 0); null: no clipping.
         batch_size: Examples per micro-batch (int >= 1).
         grad_accum: Micro-batches accumulated per optimizer step (int >= 1).
-        max_steps: Number of optimizer steps (int >= 0).
+        max_steps: Number of optimizer steps (int >= 1; ``riemix eval`` scores a model without training).
         warmup_steps: Steps of linear learning-rate warm-up from 0 (int >= 0).
         schedule: Learning rate after the warm-up: ``linear`` (decay to 0 at ``max_steps``) or ``constant``.
         eval_every: Evaluate every this many steps (int >= 0; 0: only before and after training).
@@ -95,11 +115,16 @@ class TrainConfig:
             added to the routers' / factors' ``.grad`` directly).
         diagnostics_every: Write routing / expert diagnostics every this many steps (int >= 0; 0: never).
         seed: Random seed of data order, dropout and adapter initialisation (int >= 0).
-        output_dir: Run directory (config.yaml, metrics.jsonl, adapter/, checkpoints/, summary.json).
+        output_dir: Run directory (config.yaml, metrics.jsonl, adapter/, checkpoints/, summary.json); one that
+            already holds a run needs ``resume`` or ``overwrite``.
         save_every: Save a resumable checkpoint every this many steps (int >= 0; 0: only at the end).
         keep_last: Checkpoints kept on disk (int >= 1).
-        resume: ``true`` / ``latest``: continue from the latest checkpoint of ``output_dir``; a path: from that
-            checkpoint; ``false``: start afresh.
+        resume: ``true`` / ``latest``: continue the run in ``output_dir`` from its newest intact checkpoint; a
+            path: from that checkpoint of the run; ``false``: start a new run. The saved config is restored;
+            only run-length, evaluation, checkpoint and logging fields may change.
+        overwrite: Delete the run already in ``output_dir`` and start a new one.
+        divergence_loss_ratio: Stop (exit 3) when the smoothed training loss rises above this many times its
+            best value and by more than 1 nat (> 1; null: only non-finite loss, gradients or weights stop).
         bf16: Train and evaluate under bfloat16 autocast.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         cpu: Train on the CPU even where an accelerator is available.
@@ -160,6 +185,8 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     resume: bool | str = False
+    overwrite: bool = False
+    divergence_loss_ratio: float | None = 3.0
     bf16: bool = False
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -192,15 +219,20 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, value, "an int >= 1 or null")
+        inf = float("inf")  # an infinite rate or weight is never meant: it diverges at the first step
         for name in _NON_NEGATIVE_NUMBERS:
-            if not getattr(self, name) >= 0:
-                bad(name, getattr(self, name), ">= 0")
-        if self.gate_lr is not None and not self.gate_lr >= 0:
-            bad("gate_lr", self.gate_lr, ">= 0 or null")
-        if not self.loraplus_ratio > 0:
-            bad("loraplus_ratio", self.loraplus_ratio, "> 0")
+            if not 0 <= getattr(self, name) < inf:
+                bad(name, getattr(self, name), ">= 0 and finite")
+        if self.gate_lr is not None and not 0 <= self.gate_lr < inf:
+            bad("gate_lr", self.gate_lr, ">= 0 and finite, or null")
+        if not 0 < self.loraplus_ratio < inf:
+            bad("loraplus_ratio", self.loraplus_ratio, "> 0 and finite")
         if self.gate_max_grad_norm is not None and not self.gate_max_grad_norm > 0:
             bad("gate_max_grad_norm", self.gate_max_grad_norm, "> 0 or null")
+        if self.divergence_loss_ratio is not None and not 1 < self.divergence_loss_ratio < float("inf"):
+            bad("divergence_loss_ratio", self.divergence_loss_ratio, "a finite number > 1 or null")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
         if self.max_length < MIN_MAX_LENGTH:
             bad("max_length", self.max_length, f">= {MIN_MAX_LENGTH}")
         if self.optimizer.lower() not in OPTIMIZER_NAMES:

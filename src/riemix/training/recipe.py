@@ -2,21 +2,24 @@
 
 ``train(TrainConfig(...))`` loads the model and data, adds MoE-LoRA adapters, evaluates zero-shot,
 trains with gradient accumulation, a linear-decay schedule, periodic evaluation, early stopping and
-atomic checkpoints (Accelerate places it on the device), and writes the run directory:
+atomic checkpoints (Accelerate places it on the device), and writes the run directory (checked and
+locked first: ``riemix.training.rundir``):
 
     <output_dir>/config.yaml        the resolved configuration
+    <output_dir>/run.json           the run id (checkpoints record it; a resume continues only its own)
     <output_dir>/metrics.jsonl      one JSON object per logged step / evaluation
     <output_dir>/adapter/           the final adapter (save_adapter format)
     <output_dir>/checkpoints/       resumable checkpoints (keep-last-K)
     <output_dir>/summary.json       before/after metrics, wall time
 
-Read ``train`` first: it is the whole loop; each function it calls is one stage of a step.
+Read ``train`` first: it is the whole loop; each function it calls is one stage of a step.  A diverging
+step (``riemix.training.guard``) raises before anything is saved; SIGINT / SIGTERM stop at the next step
+boundary after a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,13 +34,21 @@ from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, comp
 from riemix.evaluate import evaluate as evaluate_dataset
 from riemix.hub.loading import HEAD_NAMES, load_model, num_labels_for
 from riemix.io.adapter import save_adapter
-from riemix.io.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from riemix.io.checkpoint import (
+    clean_checkpoint_temps,
+    find_resumable,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from riemix.io.fileio import atomic_write_json, atomic_write_text
 from riemix.optim import build_optimizer
-from riemix.tasks import TaskModel, TaskSpec, check_label_words
+from riemix.tasks import TaskModel, TaskSpec, check_label_words, fit_max_length
 from riemix.training.config import TrainConfig
 from riemix.training.data import batch_at, collate, encode_items, load_datasets, seed_everything
+from riemix.training.guard import DivergenceGuard, StopSignals, TrainingInterrupted
 from riemix.training.logging import MetricsLogger, console, format_metrics, format_table
+from riemix.training.rundir import RunDir, open_run, truncate_metrics
 from riemix.training.state import StepResult, TrainState
 
 __all__ = [
@@ -66,7 +77,8 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None):
         "label_words": cfg.label_words or None,
         "max_length": cfg.max_length,
     }
-    specs = [TaskSpec.for_dataset(ds, kind, **over) for ds in train_sets]
+    # an encoder's budget is capped at its position embeddings (with a warning), for training and evaluation
+    specs = [fit_max_length(TaskSpec.for_dataset(ds, kind, **over), model) for ds in train_sets]
     for spec in specs:
         check_label_words(spec, tokenizer)
     add_moe_lora(model, replace(cfg.adapter))  # a copy: the model keeps its own config
@@ -85,25 +97,34 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None):
     }
 
 
-def setup(cfg: TrainConfig, model=None, tokenizer=None) -> TrainState:
+def setup(cfg: TrainConfig, model=None, tokenizer=None, run: RunDir | None = None) -> TrainState:
     """Seed, build the model, data, optimizer and schedule, then resume or start the run directory.
 
     The order of the random draws (seed, adapter initialisation) is fixed: a run is reproducible.
 
+    Args:
+        cfg: The run's configuration.
+        model: An already-loaded model (else ``cfg.model`` is loaded).
+        tokenizer: Its tokenizer.
+        run: The opened run directory (``open_run``); None opens it here (the caller releases
+            ``state.run``).
+
     Raises:
-        ValueError: an empty training set or a model without tokenizer.
-        FileNotFoundError: ``resume`` without a checkpoint.
+        ValueError: an empty training set, a model without tokenizer, or a run directory refused by
+            ``open_run``.
+        FileNotFoundError: ``resume`` without an intact checkpoint of this run.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    run = open_run(cfg, console(cfg.verbose)) if run is None else run  # before the (slow) model load
     seed_everything(cfg.seed)  # first: the adapter initialisation below draws from these generators
     AcceleratorState._reset_state()  # a library call may follow another with other precision settings
     accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cfg.cpu)
     # model + adapters, then the training items
     ctx = prepare(cfg, model, tokenizer)
     model = ctx["model"]
-    pack_to = cfg.max_length if cfg.packing else None
+    pack_to = ctx["specs"][0].max_length if cfg.packing else None
     items = encode_items(ctx["train_sets"], ctx["specs"], ctx["tokenizer"], cfg.model_kind, pack_to)
     if not items:
         raise ValueError("the training set is empty")
@@ -141,27 +162,49 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> TrainState:
         monitor=monitor,
         out=Path(cfg.output_dir),
         log=console(accel.is_main_process and cfg.verbose),
+        run=run,
+        guard=DivergenceGuard(cfg.divergence_loss_ratio, _divergence_advice(cfg)),
     )
     _resume_or_start(state)
+    state.extra["run_id"] = run.run_id
     tensorboard = state.out / "tensorboard" if cfg.tensorboard else None
     state.metrics = MetricsLogger(state.out / "metrics.jsonl", state.is_main, tensorboard)
     return state
 
 
+def _divergence_advice(cfg: TrainConfig) -> str:
+    return (
+        f"try a lower lr (now {cfg.lr:g}) or adapter.alpha (now {cfg.adapter.alpha:g}) in a new run; the "
+        f"checkpoints and adapter in {cfg.output_dir} were written before the divergence"
+    )
+
+
 def _resume_or_start(state: TrainState) -> None:
-    """Load the checkpoint ``cfg.resume`` names (model, optimizer, schedule, RNG, ``extra``), or write
-    ``config.yaml`` into a new run directory."""
-    cfg, out = state.cfg, state.out
-    if cfg.resume:
-        ckpt = latest_checkpoint(out) if cfg.resume is True or cfg.resume == "latest" else Path(cfg.resume)
+    """Load this run's checkpoint (model, optimizer, schedule, RNG, ``extra``) and cut ``metrics.jsonl`` back
+    to its step, or write ``config.yaml`` into the new run directory."""
+    cfg, out, run = state.cfg, state.out, state.run
+    if state.is_main:
+        clean_checkpoint_temps(out)  # leftovers of a writer killed mid-checkpoint
+    if not cfg.resume:
+        if state.is_main:
+            atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        return
+    if cfg.resume is True or cfg.resume == "latest":
+        ckpt = find_resumable(out, run.run_id, state.log)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
-        loaded = load_checkpoint(ckpt, state.model, state.optimizer, state.scheduler)
-        state.start_step, state.extra = loaded["step"], loaded["extra"]
-        state.log(f"resumed from {ckpt} at step {state.start_step}")
-    elif state.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+            raise FileNotFoundError(f"--resume: no intact checkpoint of this run under {out / 'checkpoints'}")
+    else:
+        ckpt = Path(cfg.resume)
+        saved_id = read_checkpoint(ckpt)["run_id"]
+        if None not in (saved_id, run.run_id) and saved_id != run.run_id:
+            raise ValueError(f"--resume {ckpt}: written by run {saved_id}, not by the run in {out} ({run.run_id})")
+    loaded = load_checkpoint(ckpt, state.model, state.optimizer, state.scheduler)
+    state.start_step, state.extra = loaded["step"], loaded["extra"]
+    if state.is_main:
+        dropped = truncate_metrics(out / "metrics.jsonl", state.start_step)
+        if dropped:
+            state.log(f"metrics.jsonl: dropped {dropped} line(s) written after step {state.start_step}")
+    state.log(f"resumed from {ckpt} at step {state.start_step}")
 
 
 # ---------------------------------------------------------------- one step
@@ -169,7 +212,8 @@ def train_step(state: TrainState, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, then update, schedule, progress.
 
     Raises:
-        FloatingPointError: when the loss is NaN or infinite.
+        TrainingDiverged: a non-finite loss, gradient or updated weight, or a runaway loss
+            (``state.guard``); raised before the update when the loss or a gradient is bad.
     """
     cfg = state.cfg
     loss_sum, aux_logs = 0.0, {}
@@ -179,14 +223,15 @@ def train_step(state: TrainState, step: int) -> StepResult:
         with state.accel.no_sync(state.task_model) if not last else contextlib.nullcontext():
             loss, aux_logs = _forward_backward(state, batch)
         loss_sum += loss.item() / cfg.grad_accum
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}; lower the learning rate")
+    state.guard.check_loss(loss_sum, step + 1)
+    state.guard.check_gradients(state.trainable, step + 1)
     grad_norms = None
     if _diagnostics_due(state, step + 1):  # before the step: the optimizer may clear or reuse .grad
         grad_norms = model_grad_norms(state.model)
     state.prepared_optimizer.step()
     state.scheduler.step()
     state.prepared_optimizer.zero_grad(set_to_none=True)
+    state.guard.check_weights(state.trainable, step + 1)
     set_training_progress(state.model, step + 1, cfg.max_steps)  # scale warm-up / temperature: f(step)
     return StepResult(loss_sum, aux_logs, grad_norms)
 
@@ -195,7 +240,7 @@ def _micro_batch(state: TrainState, index: int) -> dict[str, torch.Tensor]:
     """Global micro-batch ``index``, this process's shard, collated on the device; counts its tokens."""
     cfg, accel = state.cfg, state.accel
     chunk = batch_at(state.items, index, cfg.batch_size, cfg.seed, accel.process_index, accel.num_processes)
-    batch = collate(chunk, state.tokenizer, cfg.model_kind, cfg.max_length)
+    batch = collate(chunk, state.tokenizer, cfg.model_kind, state.specs[0].max_length)  # the specs share it
     batch = {k: v.to(accel.device) for k, v in batch.items()}
     state.tokens_seen += int(batch["attention_mask"].sum())
     state.padded_seen += batch["attention_mask"].numel()
@@ -230,6 +275,7 @@ def _diagnostics_due(state: TrainState, done: int) -> bool:
 # ---------------------------------------------------------------- evaluate, report, save
 def evaluate(state: TrainState) -> dict[str, float]:
     """Metrics of every evaluation dataset (keys prefixed ``<dataset>/`` when there are several)."""
+    t_eval = time.time()
     metrics: dict[str, float] = {}
     autocast = torch.bfloat16 if state.cfg.bf16 else None
     for ds, spec in zip(state.eval_sets, state.specs, strict=True):
@@ -238,6 +284,7 @@ def evaluate(state: TrainState) -> dict[str, float]:
         )
         prefix = "" if len(state.eval_sets) == 1 else f"{ds.name}/"
         metrics.update({f"{prefix}{k}": v for k, v in res.items()})
+    state.eval_time += time.time() - t_eval
     return metrics
 
 
@@ -300,23 +347,46 @@ def _progress_bar(state: TrainState):
 
 def _finish(state: TrainState, last_eval: dict[str, float], done: int, t_start: float) -> dict[str, Any]:
     """Write the final adapter and summary.json; print the before/after table. Returns the summary."""
+    trained = state.tokens_seen > 0  # no step in this process (a resume of a finished run): no throughput
     summary = {
+        "run_id": state.run.run_id,
         "before": state.extra["before"],
         "after": last_eval,
         "steps": done,
         "wall_seconds": time.time() - t_start,
         "train_seconds": state.train_time,
-        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
-        "pad_fraction": 1.0 - state.tokens_seen / max(state.padded_seen, 1),
+        "eval_seconds": state.eval_time,
+        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9) if trained else None,
+        "pad_fraction": 1.0 - state.tokens_seen / max(state.padded_seen, 1) if trained else None,
         "output_dir": str(state.out),
+        "warnings": _result_warnings(state, last_eval),
     }
     if state.is_main:
         save_adapter(state.model, state.out / "adapter", extra={"train_config": state.cfg.to_dict()})
         atomic_write_json(state.out / "summary.json", summary)
         if state.extra["before"] is not None:
             state.log("\n" + format_table(state.extra["before"], last_eval))
-        state.log(f"wall time {summary['wall_seconds']:.0f} s; run directory {state.out}")
+        for warning in summary["warnings"]:
+            state.log(f"warning: {warning}")
+        state.log(
+            f"wall time {summary['wall_seconds']:.0f} s (training {state.train_time:.0f} s, evaluation "
+            f"{state.eval_time:.0f} s); run directory {state.out}"
+        )
     return summary
+
+
+def _result_warnings(state: TrainState, after: dict[str, float]) -> list[str]:
+    """What a user should not miss: the watched metric ending worse than zero-shot."""
+    before, name = state.extra["before"], state.cfg.early_stopping_metric
+    if not before or name not in before or name not in after:
+        return []
+    worse = after[name] > before[name] if name == "loss" else after[name] < before[name]
+    if not worse:
+        return []
+    return [
+        f"{name} after training ({after[name]:.4f}) is worse than zero-shot ({before[name]:.4f}): check the "
+        f"learning rate (lr={state.cfg.lr:g}) and data before using this adapter"
+    ]
 
 
 # ---------------------------------------------------------------- the loop
@@ -327,9 +397,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
         cfg: the validated training configuration.
         model: optional already-loaded model (tests pass tiny models); loaded from ``cfg.model`` if None.
         tokenizer: its tokenizer.
+
+    Raises:
+        ValueError: bad input (configuration, data, run directory), named.
+        TrainingDiverged: a step produced non-finite values or a runaway loss (nothing of it was saved).
+        TrainingInterrupted: SIGINT / SIGTERM; a checkpoint of the last completed step was written.
     """
     t_start = time.time()
-    state = setup(cfg, model, tokenizer)
+    run = open_run(cfg, console(cfg.verbose))  # checked, locked, never silently reused; before the model
+    with run, StopSignals() as signals:
+        state = setup(cfg, model, tokenizer, run)
+        try:
+            return _train_loop(state, signals, t_start)
+        finally:
+            state.metrics.close()
+
+
+def _train_loop(state: TrainState, signals: StopSignals, t_start: float) -> dict[str, Any]:
+    """Zero-shot evaluation, the steps (log, diagnose, evaluate, save, stop), then the final adapter."""
+    cfg = state.cfg
     if state.extra["before"] is None and cfg.eval_before:  # zero-shot (kept across a resume)
         state.extra["before"] = evaluate(state)
         state.metrics.record({"step": 0, "eval": state.extra["before"]})
@@ -339,6 +425,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
     set_training_progress(state.model, state.start_step, cfg.max_steps)
     done, last_eval, stop = state.start_step, None, False
     for step in range(state.start_step, cfg.max_steps):
+        _stop_if_signalled(state, signals, done, pbar, saved=False)
         t_step = time.time()
         result = train_step(state, step)
         done = step + 1
@@ -357,8 +444,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             state.metrics.record({"step": done, "eval": last_eval})
             state.log(f"step {done}: " + format_metrics(last_eval))
             stop = _early_stop(state, last_eval)
-        if _every(cfg.save_every, done) or done == cfg.max_steps or stop:
+        saved = _every(cfg.save_every, done) or done == cfg.max_steps or stop
+        if saved:
             save(state, done)
+        _stop_if_signalled(state, signals, done, pbar, saved)
         if stop:
             state.log(
                 f"early stopping at step {done}: no improvement of {cfg.early_stopping_metric} "
@@ -367,7 +456,22 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> dict[str, Any]:
             break
     if pbar is not None:
         pbar.close()
-    state.metrics.close()
     if last_eval is None:  # no step was taken (max_steps reached already)
         last_eval = evaluate(state)
     return _finish(state, last_eval, done, t_start)
+
+
+def _stop_if_signalled(state: TrainState, signals: StopSignals, done: int, pbar, saved: bool) -> None:
+    """After a SIGINT / SIGTERM: checkpoint step ``done`` (unless just saved) and raise TrainingInterrupted."""
+    if signals.received is None:
+        return
+    if pbar is not None:
+        pbar.close()
+    if not saved:
+        save(state, done)
+    resume = f"riemix train --output-dir {state.out} --resume"
+    raise TrainingInterrupted(
+        f"{signals.name} received: stopped after step {done} with a checkpoint of it; continue with: {resume}",
+        signals.received,
+        done,
+    )

@@ -13,7 +13,9 @@ from riemix.data import Dataset
 from riemix.diagnostics.monitor import RoutingMonitor
 from riemix.tasks import TaskSpec
 from riemix.training.config import TrainConfig
+from riemix.training.guard import DivergenceGuard
 from riemix.training.logging import MetricsLogger
+from riemix.training.rundir import RunDir
 
 __all__ = ["StepResult", "TrainState"]
 
@@ -37,13 +39,17 @@ class TrainState:
         monitor: routing statistics of the current diagnostics window; None without diagnostics.
         out: the run directory.
         log: console printer (a no-op unless main process and ``verbose``).
+        run: the opened, locked run directory (its run id goes into every checkpoint).
+        guard: the per-step divergence checks.
         metrics: the ``metrics.jsonl`` / TensorBoard writer.
         start_step: the first step to take (> 0 after a resume).
         extra: what checkpoints carry besides tensors: ``best`` / ``bad_evals`` (early stopping) and
             ``before`` (the zero-shot metrics).
         tokens_seen: non-padding tokens trained on so far (this process).
         padded_seen: token slots trained on so far, padding included.
+        trainable: the model's ``(name, parameter)`` pairs that train (set at construction).
         train_time: seconds spent in training steps.
+        eval_time: seconds spent evaluating.
     """
 
     cfg: TrainConfig
@@ -60,12 +66,18 @@ class TrainState:
     monitor: RoutingMonitor | None
     out: Path
     log: Callable[..., None]
+    run: RunDir
+    guard: DivergenceGuard
     metrics: MetricsLogger | None = None
     start_step: int = 0
     extra: dict[str, Any] = field(default_factory=lambda: {"best": None, "bad_evals": 0, "before": None})
     tokens_seen: int = 0
     padded_seen: int = 0
     train_time: float = 0.0
+    eval_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def is_main(self) -> bool:
