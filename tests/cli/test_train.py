@@ -99,3 +99,49 @@ def test_cli_resume_without_checkpoint(tmp_path, mcq_files, capsys):
     ]
     assert main(argv) == 2
     assert "holds no run to continue (no config.yaml); start it without --resume" in capsys.readouterr().err
+
+
+def _tiny_cli_run(tmp_path, mcq_files, out, *extra):
+    model_dir = save_tiny_model_dir(tmp_path)
+    argv = ["train", "--model", model_dir, "--dataset", mcq_files[0], "--output-dir", str(out), "--no-progress",
+            "--max-steps", "2", "--batch-size", "4", "--experts", "2", "--top-k", "1", "--no-eval-before", *extra]  # fmt: skip
+    return main(argv)
+
+
+def test_cli_resume_restores_the_saved_config_and_refuses_unsafe_changes(tmp_path, mcq_files, capsys):
+    out = tmp_path / "run"
+    assert _tiny_cli_run(tmp_path, mcq_files, out, "--lr", "0.02", "--save-every", "1") == 0
+    capsys.readouterr()
+    # the README's recipe: only the directory, --resume and a longer run; everything else comes from the run
+    assert main(["train", "--output-dir", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 0.02 and saved["adapter"]["num_experts"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["tokens_per_s"] > 0
+    assert main(["train", "--output-dir", str(out), "--resume", "--lr", "0.1", "--rank", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.rank: 4 in the run, 8 now; lr: 0.02 in the run, 0.1 now" in err
+    assert _tiny_cli_run(tmp_path, mcq_files, out) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _tiny_cli_run(tmp_path, mcq_files, out, "--overwrite") == 0
+
+
+def test_cli_divergence_exits_3_without_a_non_finite_adapter(tmp_path, mcq_files, capsys):
+    out = tmp_path / "run"
+    assert _tiny_cli_run(tmp_path, mcq_files, out, "--lr", "1e30", "--optimizer", "sgd") == 3
+    err = capsys.readouterr().err
+    assert "riemix train: error: training diverged at step 1" in err and "try a lower lr (now 1e+30)" in err
+    assert not (out / "adapter").exists()
+
+
+def test_cli_reports_a_full_disk_naming_the_file_and_the_free_space(monkeypatch, capsys, tmp_path):
+    import errno
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(train_command, "train", full)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'run' / 'metrics.jsonl'}: No space left on device (" in err
+    assert f"MiB free on {tmp_path})" in err
