@@ -80,3 +80,24 @@ def test_discard_dir_removes_a_tree_and_ignores_a_missing_one(tmp_path):
     fileio.discard_dir(target)
     fileio.discard_dir(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recover_dir_puts_back_what_a_crashed_fallback_publish_renamed_aside(tmp_path):
+    final = tmp_path / "adapter"
+    fileio.publish_dir(_build(final, "good"), final)
+    aside = tmp_path / f".adapter.old.{fileio._host_tag()}.999999999.deadbeef"  # a writer that died mid-swap
+    os.rename(final, aside)
+    assert fileio.recover_dir(final) is True
+    assert (final / "data.txt").read_text() == "good" and not aside.exists()
+    assert fileio.recover_dir(final) is False  # nothing to do when the directory is there
+
+
+def test_publish_dir_swaps_atomically_where_the_system_can(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    fileio.publish_dir(_build(final, "one"), final)
+    calls = []
+    real = fileio._exchange
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(fileio, "discard_dir", lambda p: pytest.fail("no rename-aside needed"))
+    assert fileio.publish_dir(_build(final, "two"), final) is True
+    assert len(calls) == 1 and (final / "data.txt").read_text() == "two" and _hidden(tmp_path) == []

@@ -132,3 +132,16 @@ def test_yaml_reads_exponent_numbers_but_not_truthy_strings(tmp_path):
 def test_adapter_strings_and_non_finite_numbers_name_the_field(adapter, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(adapter=adapter)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"alpha": 8.0}, r"unknown option\(s\) \['alpha'\] \(alpha is an adapter option: write it under adapter:"),
+        ({"learning_rat": 0.1}, r"unknown option\(s\) \['learning_rat'\]; valid"),
+        ({"max_step": 3}, r"\(did you mean 'max_steps' for 'max_step'\?\)"),
+    ],
+)
+def test_unknown_options_get_a_hint(data, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(data)

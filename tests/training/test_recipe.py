@@ -111,7 +111,8 @@ def test_encoder_classification_trains_head_and_adapters(tmp_path):
     )
     model = make_tiny_bert()
     head_before = model.classifier.weight.detach().clone()
-    summary = train_tiny(cfg, model=model)
+    with pytest.warns(UserWarning, match=r"max_length 256 exceeds the 64 positions .*truncated to 64 tokens"):
+        summary = train_tiny(cfg, model=model)  # the default budget, capped to the tiny BERT's positions
     assert not torch.equal(model.classifier.weight, head_before)
     assert summary["after"]["accuracy"] > 0.8
 

@@ -138,3 +138,26 @@ def test_the_readme_mistake_resuming_another_task_is_refused_and_changes_nothing
         train_tiny(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "adapter").iterdir()} == before
     assert read_metrics(out) == lines
+
+
+def test_resume_from_a_checkpoint_of_another_run_is_refused(tmp_path):
+    import shutil
+
+    data = write_mcq(tmp_path / "tr.jsonl", 16, 0)
+
+    def cfg(out, **kw):
+        return tiny_train_cfg(out, data, batch_size=4, max_steps=2, save_every=1, eval_before=False,
+                              adapter={"num_experts": 2, "top_k": 1}, **kw)  # fmt: skip
+
+    train_tiny(cfg(tmp_path / "a"))
+    train_tiny(cfg(tmp_path / "b"))  # same config, another run id
+    foreign = tmp_path / "a" / "checkpoints" / "step-000001"
+    with pytest.raises(ValueError, match=r"--resume .*step-000001: written by run \w+, not by the run in .*b \(\w+\)"):
+        train_tiny(cfg(tmp_path / "b", resume=str(foreign)))
+    shutil.copytree(foreign, tmp_path / "b" / "checkpoints" / "step-000009")  # planted among b's own
+    said = []
+    from riemix.io.checkpoint import find_resumable
+
+    run_id = json.loads((tmp_path / "b" / RUN_FILE).read_text())["run_id"]
+    assert find_resumable(tmp_path / "b", run_id, said.append).name == "step-000002"
+    assert "step-000009 (written by run" in said[0]

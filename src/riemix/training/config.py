@@ -11,6 +11,7 @@ The adapter is a typed ``MoELoRAConfig`` (its defaults are the default job's ada
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from collections.abc import Mapping
@@ -257,7 +258,11 @@ class TrainConfig:
         """
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"{source}: unknown option(s) {unknown}; valid: {cls.field_names()}")
+            hints = [_suggest(key, cls.field_names()) for key in unknown]
+            hint = "; ".join(h for h in hints if h)
+            raise ValueError(
+                f"{source}: unknown option(s) {unknown}" + (f" ({hint})" if hint else "") + f"; valid: {cls.field_names()}"
+            )
         return cls(**data)
 
     @classmethod
@@ -302,6 +307,14 @@ class TrainConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    """A hint for an unknown option: the adapter field it names (``adapter: {alpha: ..}``) or a close name."""
+    if key in {f.name for f in dataclasses.fields(MoELoRAConfig)}:
+        return f"{key} is an adapter option: write it under adapter:, or as the flag --{key.replace('_', '-')}"
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"did you mean {close[0]!r} for {key!r}?" if close else ""
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
