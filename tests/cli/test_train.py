@@ -104,7 +104,8 @@ def test_cli_resume_without_checkpoint(tmp_path, mcq_files, capsys):
 def _tiny_cli_run(tmp_path, mcq_files, out, *extra):
     model_dir = save_tiny_model_dir(tmp_path)
     argv = ["train", "--model", model_dir, "--dataset", mcq_files[0], "--output-dir", str(out), "--no-progress",
-            "--max-steps", "2", "--batch-size", "4", "--experts", "2", "--top-k", "1", "--no-eval-before", *extra]  # fmt: skip
+            "--max-steps", "2", "--batch-size", "4", "--experts", "2", "--top-k", "1", "--no-eval-before",
+            *extra]  # fmt: skip
     return main(argv)
 
 

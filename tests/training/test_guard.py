@@ -40,7 +40,9 @@ def test_the_loss_spike_rule_needs_a_ratio_a_margin_and_a_history():
     small = DivergenceGuard(3.0, "advice")
     for step in range(1, 30):  # 10x up, but tiny in nats: not a divergence
         small.check_loss(0.01 if step < 15 else 0.1, step)
-    with pytest.raises(TrainingDiverged, match=r"the smoothed loss rose to .* over 3× its best .*divergence_loss_ratio"):
+    with pytest.raises(
+        TrainingDiverged, match=r"the smoothed loss rose to .* over 3× its best .*divergence_loss_ratio"
+    ):
         for step in range(30, 80):  # stuck at ln|V| of a 49k vocabulary, as lr 1e6 did
             guard.check_loss(10.8, step)
     off = DivergenceGuard(None, "advice")
@@ -78,7 +80,9 @@ def test_a_divergence_stops_before_anything_non_finite_is_saved(tmp_path, monkey
         return real_step(state, step)
 
     monkeypatch.setattr(recipe, "train_step", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 4: the (loss|gradient of .*lora_A) .*try a lower lr \(now 0.01\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged at step 4: the (loss|gradient of .*lora_A) .*try a lower lr \(now 0.01\)"
+    ):
         train_tiny(_run_cfg(tmp_path, log_every=1))
     out = tmp_path / "run"
     assert latest_checkpoint(out).name == "step-000003"

@@ -261,7 +261,9 @@ class TrainConfig:
             hints = [_suggest(key, cls.field_names()) for key in unknown]
             hint = "; ".join(h for h in hints if h)
             raise ValueError(
-                f"{source}: unknown option(s) {unknown}" + (f" ({hint})" if hint else "") + f"; valid: {cls.field_names()}"
+                f"{source}: unknown option(s) {unknown}"
+                + (f" ({hint})" if hint else "")
+                + f"; valid: {cls.field_names()}"
             )
         return cls(**data)
 
