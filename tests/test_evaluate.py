@@ -53,3 +53,15 @@ def test_bad_template_is_refused_before_the_model_loads(monkeypatch):
     monkeypatch.setattr("riemix.evaluate.load_dataset", no_load)
     with pytest.raises(ValueError, match=r"template '\{text\} \{foo\}' has an unknown placeholder \{foo\}"):
         evaluate_model(model="tiny", dataset="toy.jsonl", template="{text} {foo}")
+
+
+def test_evaluation_shows_a_progress_bar_of_the_examples(tmp_path, capsys):
+    ds = load_dataset(write_mcq(tmp_path / "d.jsonl", 23, 3), "dev")
+    spec = TaskSpec.for_dataset(ds, "causal_lm")
+    tm = TaskModel(make_tiny_llama(), "causal_lm")
+    quiet = predict(tm, ds, spec, tiny_tokenizer(), batch_size=9)["preds"]
+    assert capsys.readouterr().err == ""
+    shown = predict(tm, ds, spec, tiny_tokenizer(), batch_size=9, progress="eval d")["preds"]
+    err = capsys.readouterr().err
+    assert "eval d" in err and "0/23" in err  # examples done / total
+    assert np.array_equal(quiet, shown)

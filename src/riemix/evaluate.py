@@ -25,9 +25,20 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _progress_bar(progress: bool | str, total: int):
+    """A tqdm bar over ``total`` examples (``progress``: True, or the bar's label), else None."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else "eval"
+    return tqdm(total=total, desc=label, unit="ex", leave=False, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int = 16,
-            device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
+            device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+            progress: bool | str = False) -> dict:
     """Score every example of ``dataset``.
 
     Args:
@@ -38,6 +49,7 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
         batch_size: Examples per batch.
         device: Where the batches go (the model's device).
         autocast_dtype: Autocast to this dtype (None: no autocast).
+        progress: Show a progress bar of the examples scored (a string labels it); False: none.
 
     Returns:
         ``{"preds": array}`` (class/choice indices, or regression values) for scored tasks, or
@@ -52,6 +64,7 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
     device = torch.device(device)
     preds: list = [None] * len(dataset)
     total_nll, total_tokens = 0.0, 0
+    bar = _progress_bar(progress, len(dataset))
     try:
         for kind, batch, idx in eval_batches(dataset, spec, tokenizer, batch_size):
             batch = _to(batch, device)
@@ -82,20 +95,25 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
                     total_tokens += lp.numel()
                 for j, pred in zip(idx, batch_preds, strict=kind != "sft"):
                     preds[j] = pred
+            if bar is not None:
+                bar.update(len(idx))
     finally:
         task_model.train(was_training)
+        if bar is not None:
+            bar.close()
     if dataset.task == "sft":
         return {"loss": total_nll / max(total_tokens, 1)}
     return {"preds": np.asarray(preds)}
 
 
 def evaluate(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int = 16,
-             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+             progress: bool | str = False) -> dict[str, float]:
     """Metrics of ``task_model`` on ``dataset`` (its primary metric, plus loss/perplexity for SFT).
 
     The arguments are those of ``predict``.
     """
-    out = predict(task_model, dataset, spec, tokenizer, batch_size, device, autocast_dtype)
+    out = predict(task_model, dataset, spec, tokenizer, batch_size, device, autocast_dtype, progress)
     if "loss" in out:
         return {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50.0))}
     return compute_metrics(dataset.metric, out["preds"], dataset.targets())
@@ -114,6 +132,7 @@ def evaluate_model(
     subset: int | None = None,
     batch_size: int = 32,
     max_length: int = 256,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Load a base model (with an adapter, or zero-shot without) and evaluate it on a dataset.
 
@@ -130,6 +149,7 @@ def evaluate_model(
         subset: Evaluate a fixed random subset of this size (seed 0; none or 0: every example).
         batch_size: Examples per evaluation batch.
         max_length: Longest tokenised example, in tokens.
+        progress: Show a progress bar of the examples scored.
 
     Returns:
         ``{"dataset": name, "split": split, "examples": count, **metrics}``.
@@ -152,5 +172,5 @@ def evaluate_model(
         ds, model_kind, format=format, template=template, label_words=label_words, max_length=max_length
     )
     check_label_words(spec, tokenizer)
-    metrics = evaluate(TaskModel(base, model_kind), ds, spec, tokenizer, batch_size)
+    metrics = evaluate(TaskModel(base, model_kind), ds, spec, tokenizer, batch_size, progress=progress and "eval")
     return {"dataset": ds.name, "split": split, "examples": len(ds), **metrics}

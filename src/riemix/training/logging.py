@@ -64,8 +64,14 @@ def _tensorboard(log_dir: str | Path):
 
 
 def console(enabled: bool) -> Callable[..., None]:
-    """``print`` when ``enabled`` (the main process of a verbose run), else a function that does nothing."""
-    return print if enabled else (lambda *a, **k: None)
+    """A printer of lines when ``enabled`` (the main process of a verbose run), else a function that does
+    nothing. Lines go through ``tqdm.write``, so they appear above an active progress bar instead of being
+    glued to its end."""
+    if not enabled:
+        return lambda *a, **k: None
+    from tqdm.auto import tqdm
+
+    return lambda *parts: tqdm.write(" ".join(str(p) for p in parts))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

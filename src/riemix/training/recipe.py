@@ -279,8 +279,9 @@ def evaluate(state: TrainState) -> dict[str, float]:
     metrics: dict[str, float] = {}
     autocast = torch.bfloat16 if state.cfg.bf16 else None
     for ds, spec in zip(state.eval_sets, state.specs, strict=True):
+        label = (state.is_main and state.cfg.progress) and f"eval {ds.name}"  # a bar of examples scored
         res = evaluate_dataset(
-            state.task_model, ds, spec, state.tokenizer, state.cfg.eval_batch_size, state.accel.device, autocast
+            state.task_model, ds, spec, state.tokenizer, state.cfg.eval_batch_size, state.accel.device, autocast, label
         )
         prefix = "" if len(state.eval_sets) == 1 else f"{ds.name}/"
         metrics.update({f"{prefix}{k}": v for k, v in res.items()})
