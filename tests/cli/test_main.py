@@ -47,3 +47,15 @@ def test_python_dash_m_riemix(tmp_path):
     bad = subprocess.run([*run, "inspect", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert f"riemix inspect: error: {tmp_path / 'nope'}: run directory not found" in bad.stderr
+
+
+def test_a_typo_gets_the_subcommands_usage_and_a_did_you_mean(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--adaptor", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: riemix eval ")  # the subcommand's usage, not the top-level one
+    assert "riemix eval: error: unrecognized arguments: --adaptor x (--adaptor: did you mean --adapter?)" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--zzz-unknown", "1"])
+    assert "riemix train: error: unrecognized arguments: --zzz-unknown 1\n" in capsys.readouterr().err

@@ -15,6 +15,7 @@ Each subcommand module has ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import shutil
 import sys
@@ -60,8 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         sub_parser = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(sub_parser)
-        sub_parser.set_defaults(handler=command.run)
+        sub_parser.set_defaults(handler=command.run, parser=sub_parser)
     return parser
+
+
+def _unknown_arguments(sub_parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """Report arguments the subcommand does not know with its own usage and a "did you mean" (exits 2)."""
+    known = [opt for action in sub_parser._actions for opt in action.option_strings if opt.startswith("--")]
+    hints = []
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=2, cutoff=0.75) if flag.startswith("-") else []
+        if close:
+            hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+    sub_parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments (default: ``sys.argv[1:]``).
     """
-    ns = build_parser().parse_args(argv)
+    ns, extra = build_parser().parse_known_args(argv)
+    if extra:
+        _unknown_arguments(ns.parser, extra)
     try:
         return ns.handler(ns)
     except TrainingDiverged as exc:  # nothing non-finite was saved: the last checkpoint and adapter are good
