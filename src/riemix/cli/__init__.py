@@ -7,6 +7,7 @@ riemix train --output-dir runs/x --resume     # continue that run from its newes
 riemix eval --model smollm2-135m --adapter runs/x/adapter --dataset glue/sst2
 riemix inspect runs/x                         # routing/expert diagnostics: tables + plots
 riemix check-init smollm2-135m --init pissa   # does the adapter init change the model's outputs?
+riemix data --check ~/data                    # which built-in datasets a --data-dir folder can serve
 
 Each subcommand module has ``NAME``, ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
 ``run(namespace) -> exit status``.
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from riemix.cli import check_init as check_init_command
+from riemix.cli import data as data_command
 from riemix.cli import eval as eval_command
 from riemix.cli import inspect as inspect_command
 from riemix.cli import train as train_command
@@ -33,7 +35,7 @@ from riemix.training.guard import TrainingDiverged, TrainingInterrupted
 __all__ = ["build_parser", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMANDS = (train_command, eval_command, inspect_command, check_init_command)
+COMMANDS = (train_command, eval_command, inspect_command, check_init_command, data_command)
 #: Exceptions that mean bad input: reported in one line, exit status 2.
 INPUT_ERRORS = (ValueError, DataError, AdapterError, ModelLoadError, FileNotFoundError)
 #: File-system failures reported in one line (exit status 2) instead of a traceback.
@@ -52,7 +54,7 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``riemix`` argument parser (subcommands ``train``, ``eval``, ``inspect``, ``check-init``)."""
+    """The ``riemix`` argument parser (subcommands ``train``, ``eval``, ``inspect``, ``check-init``, ``data``)."""
     parser = argparse.ArgumentParser(
         prog="riemix",
         description="MoE-LoRA fine-tuning with gate-rescaled Riemannian preconditioned optimizers.",

@@ -1,7 +1,8 @@
 """Built-in benchmark datasets, loaded by name.
 
-``load_dataset(name, split, data_dir)`` reads the files of a folder laid out like the riemix
-shared data folder (``/work/shared/data``; its ``SOURCES.md`` lists sources and licences).
+``load_dataset(name, split, data_dir)`` reads the files of a data folder laid out as below
+(``riemix data`` prints the layout with the public source and licence of every file, and checks a
+folder: ``riemix.data.catalog``).
 
 Split mapping -- ``"train"`` is the training file; ``"dev"``, ``"validation"``, ``"val"``,
 ``"valid"``, ``"eval"`` and ``"test"`` all mean the labelled evaluation file:
@@ -71,6 +72,7 @@ __all__ = [
     "PACKAGED_DIR",
     "SPLIT_ALIASES",
     "canonical_name",
+    "dataset_files",
     "normalize_split",
     "parse_scienceqa_prompt",
     "load_dataset",
@@ -139,8 +141,12 @@ def normalize_split(split: str) -> str:
     return canon
 
 
-def _files(name: str, split: str) -> tuple[str, ...]:
-    """Relative paths of the files that ``split`` (``train``/``dev``) of ``name`` needs."""
+def dataset_files(name: str, split: str) -> tuple[str, ...]:
+    """Relative paths of the files that ``split`` (``train``/``dev``) of the built-in ``name`` needs.
+
+    Raises:
+        DataError: ``glue/qnli`` has no training split.
+    """
     if name in _MCQ_NATIVE:
         return (f"{name}/{'train.jsonl' if split == 'train' else _MCQ_NATIVE[name]}",)
     if name == "scienceqa":
@@ -176,7 +182,7 @@ def _roots(data_dir: str | Path | None) -> list[tuple[str, Path]]:
 
 
 def _locate(name: str, split: str, data_dir: str | Path | None) -> list[Path]:
-    rel = _files(name, split)
+    rel = dataset_files(name, split)
     roots = _roots(data_dir)
     for _, root in roots:
         paths = [root / r for r in rel]
@@ -190,7 +196,8 @@ def _locate(name: str, split: str, data_dir: str | Path | None) -> list[Path]:
     raise DataError(
         f"dataset {name!r} split {split!r} needs {', '.join(rel)}, which was not found; searched: "
         f"{'; '.join(searched)}. "
-        f"Pass --data-dir (or set {DATA_DIR_ENV}) pointing at a folder laid out like /work/shared/data."
+        f"Pass --data-dir (or set {DATA_DIR_ENV}) pointing at a folder holding {', '.join(rel)}; "
+        f"'riemix data' shows the layout and where public copies of the files are."
     )
 
 
@@ -313,7 +320,7 @@ def load_dataset(
         name: A built-in name or alias (see the module docstring) or a path to an existing file.
         split: ``"train"``, or ``"dev"``/``"validation"``/``"test"`` (the labelled eval file).
             Ignored for file paths except that it is recorded on the dataset.
-        data_dir: Folder laid out like ``/work/shared/data``; see the search order above.
+        data_dir: Data folder laid out as in the table above; see the search order above.
         task: Task of a generic file (inferred when ``None``); ignored for built-in names.
         label_names: Class names of a generic classification file; ignored for built-in names.
 
