@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
@@ -18,7 +19,9 @@ def test_inspect_prints_layers_and_writes_pngs(tiny_run, tmp_path, capsys):
     for block in (0, 1):
         for proj in ("q_proj", "v_proj", "o_proj", "down_proj"):
             assert any(str(block) in line and proj in line for line in text.splitlines()), (block, proj)
-    assert "entropy" in text and "dead" in text and "most collapsed layer" in text
+    assert "entropy" in text and "dead" in text and "B=0" in text
+    assert "  no collapsed layer (highest expert similarity " in text and "most collapsed" not in text
+    assert "  never-trained experts (B still all zero): none of 32" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"usage_heatmap.png", "curves.png", "effective_rank.png"} <= set(pngs)
     assert any(name.startswith("similarity_") for name in pngs)
@@ -33,6 +36,15 @@ def test_inspect_default_out_and_chosen_layer(tiny_run, tmp_path, capsys):
     layer = "model.layers.1.self_attn.v_proj"
     assert main(["inspect", str(run), "--layer", layer]) == 0
     assert (run / "plots" / f"similarity_{layer}.png").stat().st_size > 2000
+
+
+def test_inspect_without_matplotlib_prints_why_no_plot(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(["inspect", str(tiny_run), "--out", str(tmp_path / "plots")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().endswith("plots skipped: matplotlib is not installed (pip install matplotlib)")
+    assert "Traceback" not in captured.out + captured.err and "wrote " not in captured.out
+    assert not (tmp_path / "plots").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_metrics", "bad_layer", "bad_diag", "bad_threshold"])

@@ -21,7 +21,8 @@ def test_every_builtin_dataset_has_a_public_source_and_licence():
     for name in BUILTIN_DATASETS:
         assert f"\n{name}: " in text
         assert SOURCES[name].licence in text
-    assert "    train commonsense_qa/train.jsonl" in text and "    dev   piqa/valid.jsonl, piqa/valid-labels.lst" in text
+    assert "    train commonsense_qa/train.jsonl" in text
+    assert "    dev   piqa/valid.jsonl, piqa/valid-labels.lst" in text
 
 
 def test_no_developer_machine_path_in_messages_or_docs():

@@ -109,6 +109,10 @@ def test_weight_diagnostics_identical_experts():
     # zero B: BA similarities are 0 (no NaN), effective rank 0
     z = weight_diagnostics(a, torch.zeros_like(b))
     assert z["similar_pairs"] == 0 and z["effective_rank"] == [0.0, 0.0, 0.0]
+    assert w["untrained_experts"] == [] and z["untrained_experts"] == [0, 1, 2]
+    b_half = b.clone()
+    b_half[1] = 0.0
+    assert weight_diagnostics(a, b_half)["untrained_experts"] == [1]  # B exactly zero: never updated
     with pytest.raises(ValueError, match=r"threshold must be in \[-1, 1\], got 2.0"):
         weight_diagnostics(a, b, threshold=2.0)
 

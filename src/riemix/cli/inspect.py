@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Print the tables and the paths of the plots written; returns 0."""
+    """Print the tables and the paths of the plots written (or why none was); returns 0."""
     result = inspect_run(**given_values(ns, OPTIONS))
     print(result["text"])
     for path in result["plots"]:
         print(f"wrote {path}")
+    if result["plots_skipped"]:
+        print(result["plots_skipped"])
     return 0

@@ -10,8 +10,9 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
     functional.py    moe_lora_linear (the fused autograd function) and reference_moe_lora_linear
     init.py          the adapter initialisations (zero_b, gaussian, orthogonal, pissa, small_b)
     layer.py         MoELoRALinear, iter_moe_lora_layers
-    tuner.py         add_moe_lora: find and wrap the targeted nn.Linear modules
+    tuner.py         add_moe_lora: find and wrap the targeted nn.Linear modules; remove_moe_lora undoes it
     state.py         the table of adapter tensors -> state dict, expected shapes
+    summary.py       trainable_parameters: trainable parameter counts by kind (A, B, router, other)
     schedules.py     LR multiplier, scale warm-up, router temperature, set_training_progress
     geometry.py      Gram / cosine similarity / singular values / effective rank of the expert factors
     regularizers.py  auxiliary losses, inject_gradients, apply_regularizers over a model
@@ -42,13 +43,15 @@ from riemix.core.routing import route
 from riemix.core.schedules import linear_schedule, set_training_progress
 from riemix.core.sparse import SPARSE_MAX_DENSITY, sparse_moe_lora_linear, use_sparse_experts
 from riemix.core.state import ADAPTER_TENSORS, adapter_state_dict, adapter_tensor_shapes
-from riemix.core.tuner import add_moe_lora, find_target_modules, layer_index, linear_names
+from riemix.core.summary import PARAMETER_KINDS, trainable_parameters
+from riemix.core.tuner import add_moe_lora, find_target_modules, layer_index, linear_names, remove_moe_lora
 
 __all__ = [
     "ADAPTER_TENSORS",
     "DENSE_MODES",
     "EXPERT_COMPUTE_MODES",
     "INIT_MODES",
+    "PARAMETER_KINDS",
     "REGULARIZERS",
     "REGULARIZER_MODES",
     "ROUTING_MODES",
@@ -74,9 +77,11 @@ __all__ = [
     "moe_lora_linear",
     "reference_moe_lora_linear",
     "regularizer_terms",
+    "remove_moe_lora",
     "route",
     "scale_anchor_loss",
     "set_training_progress",
     "sparse_moe_lora_linear",
+    "trainable_parameters",
     "use_sparse_experts",
 ]

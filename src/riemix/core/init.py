@@ -12,6 +12,12 @@ gates g⁰ (``initial_gates``), the top E·r singular triplets are split r per e
 scaled so that s·g⁰ᵢ·BᵢAᵢ = UᵢSᵢVᵢᵀ, and the base weight becomes W_res = W − Σ_{g⁰ᵢ>0} UᵢSᵢVᵢᵀ.
 The removed part is kept as ``layer.pissa_up @ layer.pissa_down`` (fp64) so that ``load_adapter`` can
 rebuild W_res bit-identically from the original weight (see docs/math.md, "Initialisations").
+
+W_res is rounded to the weight's dtype, so W_res + up @ down does not always round back to W (in a tiny
+random Llama about 15% of the entries miss by one unit in the last place).  The entries that miss are kept
+as well (``layer.pissa_fix_index`` / ``layer.pissa_fix_value``, a sparse list of flat indices and original
+values), so that ``pissa_original`` rebuilds W bit-identically and ``riemix.remove_moe_lora`` can give the
+original model back.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ __all__ = [
     "initial_gates",
     "orthogonal_rows",
     "pissa_factors",
+    "pissa_fixes",
+    "pissa_original",
     "pissa_residual",
     "restore_pissa",
+    "same_bits",
 ]
 
 
@@ -155,6 +164,76 @@ def pissa_residual(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -
     return (weight.detach().to(torch.float64) - up @ down).to(weight.dtype)  # (out, in)
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers of the same width (NaN payloads and -0.0 included)."""
+    return t.detach().contiguous().view(_INT_OF_SIZE[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors have the same dtype, shape and bit pattern (stricter than ``torch.equal``)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _add_back(residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """W_res + up @ down in fp64, rounded to the residual's dtype: W up to one rounding per entry."""
+    return (residual.detach().to(torch.float64) + up @ down).to(residual.dtype)  # (out, in)
+
+
+def pissa_fixes(
+    weight: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``weight`` that ``residual + up @ down`` does not round back to, bit for bit.
+
+    Args:
+        weight: ``(out, in)`` the original base weight.
+        residual: ``(out, in)`` ``pissa_residual(weight, down, up)``.
+        down: ``(E·r, in)`` fp64.
+        up: ``(out, E·r)`` fp64.
+
+    Returns:
+        ``(index, value)``: flat indices (int32, or int64 for more than 2³¹ − 1 entries) and the original
+        values there (``weight``'s dtype), both 1-D.
+    """
+    back = _add_back(residual, down, up)  # (out, in)
+    miss = (_bits(back) != _bits(weight)).reshape(-1)  # (out·in,)
+    index = miss.nonzero().squeeze(1)  # (n_miss,)
+    if weight.numel() < 2**31:
+        index = index.to(torch.int32)
+    return index, weight.detach().reshape(-1)[index.long()].clone()
+
+
+def pissa_original(
+    residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor, fix_index: torch.Tensor, fix_value: torch.Tensor
+) -> torch.Tensor:
+    """Rebuild the original base weight W from the residual, the factors and the fixes of ``pissa_fixes``.
+
+    Args:
+        residual: ``(out, in)`` the current base weight W_res.
+        down: ``(E·r, in)`` fp64.
+        up: ``(out, E·r)`` fp64.
+        fix_index: flat indices from ``pissa_fixes``.
+        fix_value: the original values there.
+
+    Returns:
+        A new ``(out, in)`` tensor in the residual's dtype.
+    """
+    weight = _add_back(residual, down, up).reshape(-1)  # (out·in,)
+    weight[fix_index.long()] = fix_value.to(weight.dtype)
+    return weight.view_as(residual)
+
+
+def _install_residual(layer, down: torch.Tensor, up: torch.Tensor) -> None:
+    """Keep the factors, replace the base weight by the residual and keep the entries needed to undo it."""
+    w = layer.base_layer.weight
+    layer.pissa_down, layer.pissa_up = down, up
+    residual = pissa_residual(w, down, up)
+    layer.pissa_fix_index, layer.pissa_fix_value = pissa_fixes(w, residual, down, up)
+    w.copy_(residual)
+
+
 @torch.no_grad()
 def restore_pissa(layer, down: torch.Tensor, up: torch.Tensor) -> None:
     """Install saved PiSSA factors on a layer whose base weight is the ORIGINAL weight.
@@ -162,9 +241,9 @@ def restore_pissa(layer, down: torch.Tensor, up: torch.Tensor) -> None:
     Rebuilds the residual with the same function as at initialisation, hence bit-identically.
     """
     w = layer.base_layer.weight
-    layer.pissa_down = down.to(device=w.device, dtype=torch.float64)
-    layer.pissa_up = up.to(device=w.device, dtype=torch.float64)
-    w.copy_(pissa_residual(w, layer.pissa_down, layer.pissa_up))
+    _install_residual(
+        layer, down.to(device=w.device, dtype=torch.float64), up.to(device=w.device, dtype=torch.float64)
+    )
     layer.init_info = "pissa"
 
 
@@ -184,11 +263,10 @@ def _init_pissa(layer) -> None:
     # The removed part, from the parameters as stored (so forward and residual use the same numbers).
     e, r = layer.num_experts, layer.rank
     coef = (scale * g0).repeat_interleave(r)  # (E·r,)
-    down = layer.lora_A.to(torch.float64).reshape(e * r, -1)  # (E·r, in)
+    # clone: for an fp64 lora_A, .to() and .reshape() return views, which training would then move
+    down = layer.lora_A.to(torch.float64).reshape(e * r, -1).clone()  # (E·r, in)
     up = layer.lora_B.to(torch.float64).permute(1, 0, 2).reshape(-1, e * r) * coef  # (out, E·r)
-    layer.pissa_down, layer.pissa_up = down, up
-    w = layer.base_layer.weight
-    w.copy_(pissa_residual(w, down, up))
+    _install_residual(layer, down, up)
 
 
 @torch.no_grad()

@@ -32,6 +32,10 @@ class MoELoRALinear(nn.Module):
     Attributes:
         base_layer: the wrapped, frozen ``nn.Linear`` (its weight is the PiSSA residual after
             ``init="pissa"``).
+        pissa_down, pissa_up: after ``init="pissa"``, the fp64 factors of the part moved out of the base
+            weight (W_res = W − pissa_up @ pissa_down), else None.
+        pissa_fix_index, pissa_fix_value: after ``init="pissa"``, the entries of W that W_res + up @ down
+            does not round back to (``riemix.core.init.pissa_fixes``), else None.
         lora_A: ``(E, r, in_features)`` expert down-projections.
         lora_B: ``(E, out_features, r)`` expert up-projections.
         router: ``nn.Linear(in_features, E, bias=False)`` for the per-token modes, None for ``"global"``.
@@ -112,9 +116,12 @@ class MoELoRALinear(nn.Module):
             self.expert_scale = nn.Parameter(torch.ones(num_experts, self.out_features, **factory))
         else:
             self.register_parameter("expert_scale", None)
-        # PiSSA: the step-0 delta up @ down removed from the base weight (kept to rebuild the residual).
+        # PiSSA: the step-0 delta up @ down removed from the base weight (kept to rebuild the residual), and
+        # the entries where residual + up @ down does not round back to the original weight (to undo it).
         self.register_buffer("pissa_down", None, persistent=False)
         self.register_buffer("pissa_up", None, persistent=False)
+        self.register_buffer("pissa_fix_index", None, persistent=False)
+        self.register_buffer("pissa_fix_value", None, persistent=False)
         self.record_routing = False
         self.last_router_logits: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None

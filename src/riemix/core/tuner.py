@@ -1,9 +1,10 @@
 """Attach MoE-LoRA experts to the ``nn.Linear`` modules of any PyTorch / Hugging Face model.
 
 ``add_moe_lora`` finds the targeted modules (``find_target_modules``), wraps each in a ``MoELoRALinear``
-(with E from ``MoELoRAConfig.experts_for_layer(layer_index(name))``) and freezes everything else.
-``iter_moe_lora_layers`` walks the wrapped layers.  What an adapter saves is ``riemix.core.state``; the
-per-step schedules are ``riemix.core.schedules``.
+(with E from ``MoELoRAConfig.experts_for_layer(layer_index(name))``) and freezes everything else;
+``remove_moe_lora`` undoes it (the base layers back, PiSSA undone bit for bit, the ``requires_grad`` flags
+restored).  ``iter_moe_lora_layers`` walks the wrapped layers.  What an adapter saves is
+``riemix.core.state``; the per-step schedules are ``riemix.core.schedules``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import logging
 import re
 
+import torch
 from torch import nn
 
 from riemix.core.config import MoELoRAConfig
+from riemix.core.init import pissa_original, pissa_residual, same_bits
 from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
 from riemix.core.schedules import scale_warmup_factor
 
@@ -23,6 +26,7 @@ __all__ = [
     "iter_moe_lora_layers",
     "layer_index",
     "linear_names",
+    "remove_moe_lora",
     "set_record_routing",
 ]
 
@@ -96,7 +100,10 @@ def add_moe_lora(
             restore exactly the saved layout); overrides ``config.num_experts``.
 
     Returns:
-        The same ``model``; only adapter parameters (A, B, router) require gradients afterwards.
+        The same ``model``; only adapter parameters (A, B, router) require gradients afterwards.  The
+        adapter configuration is kept as ``model.moe_lora_config`` and every parameter's previous
+        ``requires_grad`` flag as ``model.moe_lora_requires_grad`` (``{name: flag}``, for
+        ``remove_moe_lora``).
 
     Raises:
         ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer``.
@@ -106,6 +113,7 @@ def add_moe_lora(
         name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name))
         for name in targets
     }
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
     joint_fallback = []
@@ -144,6 +152,75 @@ def add_moe_lora(
             joint_fallback[0],
         )
     model.moe_lora_config = config
+    model.moe_lora_requires_grad = requires_grad
+    return model
+
+
+def _original_weight(name: str, layer: MoELoRALinear) -> torch.Tensor | None:
+    """The base weight from before ``init="pissa"`` (None for other inits), checked to be exact."""
+    if layer.pissa_down is None:
+        return None
+    residual, down, up = layer.base_layer.weight, layer.pissa_down, layer.pissa_up
+    if layer.pissa_fix_index is None or layer.pissa_fix_value is None:
+        raise ValueError(
+            f"cannot restore the original weight of {name!r} exactly: its PiSSA factors are set but the "
+            "entries needed to undo the residual's rounding are not (pissa_fix_index / pissa_fix_value); "
+            "reload the base model instead"
+        )
+    with torch.no_grad():
+        weight = pissa_original(residual, down, up, layer.pissa_fix_index, layer.pissa_fix_value)
+        if not same_bits(pissa_residual(weight, down, up), residual):
+            raise ValueError(
+                f"cannot restore the original weight of {name!r} exactly: its base weight is no longer the "
+                "PiSSA residual it was given (changed, trained or cast since add_moe_lora / load_adapter); "
+                "reload the base model instead"
+            )
+    return weight
+
+
+def remove_moe_lora(model: nn.Module) -> nn.Module:
+    """Undo ``add_moe_lora`` (or ``load_adapter``): put every wrapped ``nn.Linear`` back, in place.
+
+    Each ``MoELoRALinear`` is replaced by its ``base_layer``; after ``init="pissa"`` the base weight, which
+    holds the residual, gets the original weight back bit for bit (``riemix.core.init.pissa_original``).
+    The ``requires_grad`` flags ``add_moe_lora`` recorded are restored and the ``moe_lora_config`` and
+    ``moe_lora_requires_grad`` attributes are deleted, so the model is the one ``add_moe_lora`` was given.
+    The adapter is discarded, not merged: save it first (``riemix.save_adapter``) to keep it.
+
+    Every layer is checked before anything changes: on an error the model is left as it was.
+
+    Args:
+        model: a model carrying MoE-LoRA adapters.
+
+    Returns:
+        The same ``model`` (the base ``nn.Linear`` itself when ``model`` is a ``MoELoRALinear``).
+
+    Raises:
+        ValueError: if the model has no MoE-LoRA adapter, or a PiSSA layer's original weight cannot be
+            rebuilt exactly (its base weight was changed after the residual was installed).
+    """
+    layers = list(iter_moe_lora_layers(model))
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no MoE-LoRA adapters (no MoELoRALinear module) to remove; "
+            "remove_moe_lora undoes add_moe_lora or load_adapter"
+        )
+    originals = {name: _original_weight(name, layer) for name, layer in layers}
+    with torch.no_grad():
+        for name, layer in layers:
+            if originals[name] is not None:
+                layer.base_layer.weight.copy_(originals[name])
+    if layers[0][0] == "":  # the model is itself a MoELoRALinear (modules are listed parent first)
+        return layers[0][1].base_layer
+    for name, layer in layers:
+        _set_submodule(model, name, layer.base_layer)
+    flags = getattr(model, "moe_lora_requires_grad", None) or {}
+    for name, param in model.named_parameters():
+        if name in flags:
+            param.requires_grad_(flags[name])
+    for attr in ("moe_lora_config", "moe_lora_requires_grad"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

@@ -140,7 +140,9 @@ def weight_diagnostics(
     Returns:
         ``{"similarity": E×E list (cosine of flattened BᵢAᵢ), "similarity_a": E×E list,
         "similar_pairs": pairs i<j with similarity > threshold, "max_similarity": largest off-diagonal,
-        "effective_rank": [E floats], "effective_rank_mean": float, "rank": r (its maximum)}``.
+        "effective_rank": [E floats], "effective_rank_mean": float, "rank": r (its maximum),
+        "untrained_experts": indices i whose Bᵢ is exactly zero (after a zero-B init: no update ever
+        reached the expert)}``.
 
     Raises:
         ValueError: factor shapes that do not fit together, or a threshold outside [-1, 1].
@@ -164,6 +166,7 @@ def weight_diagnostics(
         "effective_rank": erank.tolist(),
         "effective_rank_mean": float(erank.mean()),
         "rank": int(sv.shape[-1]),
+        "untrained_experts": [i for i in range(lora_b.shape[0]) if not bool(lora_b[i].detach().any())],
     }
 
 

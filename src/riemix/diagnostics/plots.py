@@ -3,6 +3,10 @@
 ``usage_heatmap.png`` (layer × expert share of tokens), ``similarity_<layer>.png`` (expert-similarity
 matrices of one layer, by default the most collapsed), ``curves.png`` (loss, regularisers, evaluation
 metrics, routing entropy over steps) and ``effective_rank.png``. See docs/diagnostics.md.
+
+matplotlib is an optional dependency (the ``train`` extra): without it ``write_plots`` raises
+``PlotsUnavailable`` (an ``ImportError``) with a one-line message, which ``riemix inspect`` prints instead of
+a traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +17,30 @@ from typing import Any
 
 import torch
 
-from riemix.diagnostics.rundir import layer_rows, most_collapsed, short_names
+from riemix.diagnostics.rundir import layer_rows, most_similar_layer, short_names
 from riemix.io.fileio import atomic_write
 
-__all__ = ["REGULARIZER_KEYS", "write_plots"]
+__all__ = ["MATPLOTLIB_MISSING", "REGULARIZER_KEYS", "PlotsUnavailable", "write_plots"]
 
 REGULARIZER_KEYS = ("load_balance", "z_loss", "uniform_prior", "diversity", "orthogonality")
+
+#: What ``riemix inspect`` prints when matplotlib is not installed.
+MATPLOTLIB_MISSING = "plots skipped: matplotlib is not installed (pip install matplotlib)"
+
+
+class PlotsUnavailable(ImportError):
+    """matplotlib cannot be imported; the message says so in one line (``MATPLOTLIB_MISSING``)."""
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as exc:
+        if exc.name == "matplotlib":  # the package itself is missing (not one of its parts or dependencies)
+            raise PlotsUnavailable(MATPLOTLIB_MISSING, name="matplotlib") from exc
+        raise PlotsUnavailable(f"plots skipped: matplotlib cannot be imported ({exc})", name=exc.name) from exc
 
 
 def _save(fig, path: Path) -> Path:
@@ -165,8 +187,14 @@ def _plot_erank(rows: list[dict[str, Any]], run: dict, short: dict[str, str], pa
 def write_plots(run: dict, out_dir: str | os.PathLike, layer: str | None = None) -> list[Path]:
     """Write the PNG plots of ``run`` (from ``load_run``) to ``out_dir``; returns the written paths.
 
+    Args:
+        run: ``riemix.diagnostics.rundir.load_run(...)``.
+        out_dir: directory for the PNG files (created if needed).
+        layer: layer of the similarity plot (default: the one with the most similar experts).
+
     Raises:
         ValueError: ``layer`` is not one of the run's layers.
+        PlotsUnavailable: matplotlib cannot be imported (nothing is written).
     """
     out = Path(out_dir)
     rows = layer_rows(run)
@@ -174,11 +202,13 @@ def write_plots(run: dict, out_dir: str | os.PathLike, layer: str | None = None)
     if layer is not None and layer not in names:
         raise ValueError(f"--layer {layer!r} is not a layer of this run; layers: {names[:8]}"
                          + (" ..." if len(names) > 8 else ""))
+    _require_matplotlib()
     short = short_names(names)
     for r in rows:
         routing = (run["diagnostics"] or {}).get("layers", {}).get(r["name"], {})
         r["dead_idx"] = routing.get("dead_experts", [])
-    chosen = layer or most_collapsed(rows)
+    top = most_similar_layer(rows)
+    chosen = layer or (top["name"] if top else None)
     written = [
         _plot_usage(rows, short, out / "usage_heatmap.png"),
         _plot_curves(run["metrics"], out / "curves.png"),

@@ -4,6 +4,10 @@
 similarity and effective rank are recomputed from the saved A and B tensors; no base model is loaded);
 ``layer_rows`` joins the routing and weight numbers into one row per adapted layer, which the tables
 (``riemix.diagnostics.inspect``) and the plots (``riemix.diagnostics.plots``) show.
+
+A layer is called *collapsed* only when two of its experts' BᵢAᵢ have a cosine similarity above the
+threshold (``collapsed_layers``); ``most_similar_layer`` and ``least_balanced_layer`` name the extremes
+without that judgement, and ``untrained_experts`` lists the experts whose B is still exactly zero.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from safetensors.torch import load_file
 from riemix.diagnostics.monitor import SIMILARITY_THRESHOLD, weight_diagnostics
 from riemix.io.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 
-__all__ = ["adapter_diagnostics", "layer_names", "layer_rows", "load_run", "most_collapsed", "natural_key",
-           "short_names"]
+__all__ = ["adapter_diagnostics", "collapsed_layers", "layer_names", "layer_rows", "least_balanced_layer",
+           "load_run", "most_similar_layer", "natural_key", "short_names", "untrained_experts"]
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -71,9 +75,13 @@ def adapter_diagnostics(adapter_dir: str | os.PathLike, threshold: float = SIMIL
 def load_run(run_dir: str | os.PathLike, threshold: float = SIMILARITY_THRESHOLD) -> dict[str, Any]:
     """Read everything ``inspect`` needs from a run directory.
 
+    Args:
+        run_dir: a run directory written by ``riemix train``.
+        threshold: similarity above which two experts count as similar (kept as ``"threshold"``).
+
     Returns:
-        ``{"run_dir", "metrics": [entries], "diagnostics": dict or None, "weights": {layer: ...} or
-        None, "summary": dict or None}``.
+        ``{"run_dir", "threshold", "metrics": [entries], "diagnostics": dict or None, "weights": {layer:
+        ...} or None, "summary": dict or None}``.
 
     Raises:
         ValueError: a missing directory, one that is not a riemix run, or a corrupt file.
@@ -98,8 +106,8 @@ def load_run(run_dir: str | os.PathLike, threshold: float = SIMILARITY_THRESHOLD
         except json.JSONDecodeError:
             summary = None  # informational only
     weights = adapter_diagnostics(adapter_dir, threshold) if adapter_dir.is_dir() else None
-    return {"run_dir": str(run), "metrics": metrics, "diagnostics": diagnostics, "weights": weights,
-            "summary": summary}
+    return {"run_dir": str(run), "threshold": threshold, "metrics": metrics, "diagnostics": diagnostics,
+            "weights": weights, "summary": summary}
 
 
 def natural_key(name: str) -> list:
@@ -119,6 +127,10 @@ def short_names(names: list[str]) -> dict[str, str]:
 
 
 def layer_rows(run: dict) -> list[dict[str, Any]]:
+    """One row per adapted layer: routing numbers (None without ``diagnostics.json``) and weight numbers.
+
+    ``"untrained"`` is the list of experts whose B is all zero (None when the run does not say).
+    """
     routing = (run["diagnostics"] or {}).get("layers", {})
     rows = []
     for name in layer_names(run):
@@ -137,14 +149,29 @@ def layer_rows(run: dict) -> list[dict[str, Any]]:
             "erank": w.get("effective_rank_mean"),
             "grad_norm": math.sqrt(sum(x * x for x in grad["total"])) if grad else None,
             "usage": r.get("usage"),
+            "untrained": w.get("untrained_experts"),
         })
     return rows
 
 
-def most_collapsed(rows: list[dict[str, Any]]) -> str | None:
-    """Lowest usage entropy relative to log E; without routing data, the highest max similarity."""
-    with_usage = [r for r in rows if r["usage_entropy"] is not None and r["experts"] > 1]
-    if with_usage:
-        return min(with_usage, key=lambda r: r["usage_entropy"] / math.log(r["experts"]))["name"]
+def most_similar_layer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the highest expert similarity (collapsed or not), or None without weight numbers."""
     with_sim = [r for r in rows if r["max_similarity"] is not None]
-    return max(with_sim, key=lambda r: r["max_similarity"])["name"] if with_sim else None
+    return max(with_sim, key=lambda r: r["max_similarity"]) if with_sim else None
+
+
+def collapsed_layers(rows: list[dict[str, Any]], threshold: float = SIMILARITY_THRESHOLD) -> list[dict[str, Any]]:
+    """Rows of the layers with two experts more similar than ``threshold``, most similar first."""
+    hits = [r for r in rows if r["max_similarity"] is not None and r["max_similarity"] > threshold]
+    return sorted(hits, key=lambda r: -r["max_similarity"])
+
+
+def least_balanced_layer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the lowest usage entropy relative to log E, or None without routing data."""
+    with_usage = [r for r in rows if r["usage_entropy"] is not None and r["experts"] > 1]
+    return min(with_usage, key=lambda r: r["usage_entropy"] / math.log(r["experts"])) if with_usage else None
+
+
+def untrained_experts(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """``(layer, expert)`` of every expert whose B is all zero, in layer order."""
+    return [(r["name"], i) for r in rows for i in (r["untrained"] or [])]
