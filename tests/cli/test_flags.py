@@ -130,3 +130,17 @@ def test_choices_are_checked_and_the_optimizer_ignores_case(capsys):
         main(["train", "--routing", "nope"])
     assert exc.value.code == 2
     assert "riemix train: error: argument --routing: invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_per_layer_expert_lists_and_regex_targets_from_the_command_line():
+    from riemix.cli.flags import ADAPTER_OPTIONS, given_values
+
+    def adapter(*argv):
+        return given_values(build_parser().parse_args(["train", *argv]), ADAPTER_OPTIONS)
+
+    assert adapter("--experts", "4") == {"num_experts": 4}
+    assert adapter("--experts", "2", "4", "8") == {"num_experts": [2, 4, 8]}
+    assert MoELoRAConfig(**adapter("--experts", "2", "4", "8", "--top-k", "2")).experts_for_layer(2) == 8
+    assert adapter("--target-modules", "q_proj", r"re:.*\.v_proj") == {"target_modules": ["q_proj", r"re:.*\.v_proj"]}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--experts", "2", "x"])

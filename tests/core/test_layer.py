@@ -262,7 +262,7 @@ def test_delta_weight_matches_forward_for_fixed_gates():
 def test_rslora_scaling_and_non_linear_rejected():
     layer = MoELoRALinear(nn.Linear(4, 4), 2, 4, alpha=8.0, top_k=1, use_rslora=True)
     assert layer.scaling == pytest.approx(8.0 / 2.0)
-    with pytest.raises(TypeError, match="wraps an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="wraps an nn.Linear or a Conv1D, got Conv1d"):
         MoELoRALinear(nn.Conv1d(4, 4, 1), 2, 4, alpha=8.0, top_k=1)
     with pytest.raises(ValueError, match=r"init must be one of .*, got 'bogus'"):
         layer.reset_adapter_parameters("bogus")

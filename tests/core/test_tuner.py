@@ -87,7 +87,7 @@ def test_layer_index_parsing():
 
 
 def test_no_match_lists_candidates(tiny_llama):
-    with pytest.raises(ValueError, match=r"matched no module; nn.Linear names in this model: \[.*'q_proj'.*\]"):
+    with pytest.raises(ValueError, match=r"matched no module; linear module names in this model: \[.*'q_proj'.*\]"):
         add_moe_lora(tiny_llama, MoELoRAConfig(num_experts=2, top_k=1, target_modules=["query"]))
 
 

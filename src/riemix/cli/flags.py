@@ -9,7 +9,8 @@ How a type hint becomes an option:
 
 - ``bool``: ``--x/--no-x`` (``bools="switch"``), or ``--x [true|false]`` (``bools="value"``: a bare
   ``--x`` means true; the value is parsed strictly by ``parse_bool``);
-- a list (or a union with a list): ``nargs="+"``, one string per item;
+- a list or sequence (or a union with one): ``nargs="+"``, one string (int, float) per item; for a union
+  with a number (``num_experts: int | Sequence[int]``) one value given is the number, several the list;
 - ``int``/``float``/``str`` (the first type of a union): that type; ``... | None`` also accepts
   ``none``/``null``;
 - a parameter without a default: a positional argument.
@@ -22,6 +23,7 @@ that default.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import inspect
 import typing
@@ -191,8 +193,10 @@ def _argument(opt: Option, bools: str, choices: dict[str, tuple[str, ...]]) -> d
         if bools == "switch":
             return {"action": argparse.BooleanOptionalAction}
         return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "{true,false}"}
-    if any(typing.get_origin(a) is list for a in args):
-        return {"nargs": "+"}
+    seq = next((a for a in args if typing.get_origin(a) in (list, collections.abc.Sequence)), None)
+    if seq is not None:
+        item = (typing.get_args(seq) or (str,))[0]
+        return {"nargs": "+", "type": item} if item in (int, float) else {"nargs": "+"}
     base = next((a for a in args if a is not type(None)), str)
     cast = base if base in (int, float, str) else str
     kw: dict[str, Any] = {"type": _nullable(cast) if type(None) in args else cast}
@@ -235,9 +239,18 @@ def add_options(
             parser.add_argument("--" + flag, dest=opt.name, default=argparse.SUPPRESS, help=_help(opt), **kw)
 
 
+def _collapse(opt: Option, value: Any) -> Any:
+    """One number given to an option that takes a number or a list of them (``--experts 4``) is the number;
+    several (``--experts 2 4 8``) are the list."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (int, float)):
+        if type(value[0]) in allowed_types(opt.hint):
+            return value[0]
+    return value
+
+
 def given_values(ns: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any]:
     """``{name: value}`` of the options present in ``ns`` (given on the command line)."""
-    return {opt.name: getattr(ns, opt.name) for opt in options if hasattr(ns, opt.name)}
+    return {opt.name: _collapse(opt, getattr(ns, opt.name)) for opt in options if hasattr(ns, opt.name)}
 
 
 #: The adapter options: every ``MoELoRAConfig`` field (``train`` and ``check-init``).

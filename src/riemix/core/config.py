@@ -62,8 +62,9 @@ class MoELoRAConfig:
             ``use_rslora``).
         dropout: Dropout probability applied to the expert input (not to the router input).
         target_modules: Either a list of module-name suffixes (``"q_proj"`` matches
-            ``model.layers.0.self_attn.q_proj``) or a single regex string matched with ``re.fullmatch``
-            against the full module name.
+            ``model.layers.0.self_attn.q_proj``) and ``re:<regex>`` items (``re:.*(q|v)_proj`` matches
+            a full module name with ``re.fullmatch``), or a single regex string matched against the full
+            module name. Targets are ``nn.Linear`` or GPT-2-style ``Conv1D`` modules.
         routing: ``"softmax_topk"`` (softmax over all E logits, keep the top-k, renormalise to sum 1),
             ``"topk_softmax"`` (softmax over the top-k logits only), ``"dense"`` (softmax over all E),
             ``"top_p"`` (per token the smallest set of experts whose softmax mass is >= ``top_p``, at
@@ -182,6 +183,12 @@ class MoELoRAConfig:
                     f"target_modules must be a regex string or a non-empty list of names, "
                     f"got {self.target_modules!r}"
                 )
+            for item in self.target_modules:
+                if item.startswith("re:"):
+                    try:
+                        re.compile(item[3:])
+                    except re.error as exc:
+                        raise ValueError(f"target_modules: invalid regex in {item!r}: {exc}") from exc
 
     def _check_variants(self) -> None:
         """Validate the initialisation, schedule and routing-variant fields."""

@@ -227,7 +227,7 @@ def pissa_original(
 
 def _install_residual(layer, down: torch.Tensor, up: torch.Tensor) -> None:
     """Keep the factors, replace the base weight by the residual and keep the entries needed to undo it."""
-    w = layer.base_layer.weight
+    w = layer.base_weight  # (out, in), a view of the stored weight
     layer.pissa_down, layer.pissa_up = down, up
     residual = pissa_residual(w, down, up)
     layer.pissa_fix_index, layer.pissa_fix_value = pissa_fixes(w, residual, down, up)
@@ -240,7 +240,7 @@ def restore_pissa(layer, down: torch.Tensor, up: torch.Tensor) -> None:
 
     Rebuilds the residual with the same function as at initialisation, hence bit-identically.
     """
-    w = layer.base_layer.weight
+    w = layer.base_weight
     _install_residual(
         layer, down.to(device=w.device, dtype=torch.float64), up.to(device=w.device, dtype=torch.float64)
     )
@@ -255,7 +255,7 @@ def _init_pissa(layer) -> None:
         layer.router.weight.zero_()
     g0 = initial_gates(layer)  # (E,)
     scale = layer.scaling * layer.scale_factor
-    a, b, valid = pissa_factors(layer.base_layer.weight, layer.num_experts, layer.rank, scale, g0)
+    a, b, valid = pissa_factors(layer.base_weight, layer.num_experts, layer.rank, scale, g0)
     _kaiming_a(layer)  # rows without a singular direction (E·r > rank of W) keep a Kaiming A
     keep = valid.to(layer.lora_A.device).unsqueeze(-1)  # (E, r, 1)
     layer.lora_A.copy_(torch.where(keep, a.to(layer.lora_A.dtype), layer.lora_A))

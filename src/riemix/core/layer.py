@@ -1,4 +1,4 @@
-"""The MoE-LoRA layer: a frozen ``nn.Linear`` plus E fused low-rank experts and a per-token router.
+"""The MoE-LoRA layer: a frozen linear map plus E fused low-rank experts and a per-token router.
 
     y = base(x) + s · Σᵢ gᵢ(x) · Bᵢ Aᵢ dropout(x)
 
@@ -7,6 +7,10 @@ router or the global gate, optional expert scales) and the runtime state (scale 
 temperature, recorded routing); the math of one call is ``riemix.core.functional.moe_lora_linear`` (one
 fused autograd node with gate-rescaled gradients, see that module).  Initialisations are in
 ``riemix.core.init``.
+
+The wrapped module is an ``nn.Linear`` or a GPT-2-style ``Conv1D`` (a linear map whose weight is stored
+transposed, ``(in, out)``, as in GPT-2, GPT-J's ancestors and DistilGPT-2); ``base_weight`` always reads
+it as ``(out, in)``.
 """
 
 from __future__ import annotations
@@ -23,14 +27,33 @@ from riemix.core.init import initialise_layer
 from riemix.core.routing import route
 from riemix.core.sparse import use_sparse_experts
 
-__all__ = ["MoELoRALinear", "iter_moe_lora_layers"]
+__all__ = ["MoELoRALinear", "is_conv1d", "is_linear_like", "iter_moe_lora_layers"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``Conv1D`` (``y = x @ W + b`` with ``W`` of shape ``(in, out)``).
+
+    Recognised by name and shape (``nf`` output features), so ``riemix.core`` does not import transformers.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear map MoE-LoRA can wrap: an ``nn.Linear`` or a ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 class MoELoRALinear(nn.Module):
     """A frozen ``nn.Linear`` with a mixture of LoRA experts and a router.
 
     Attributes:
-        base_layer: the wrapped, frozen ``nn.Linear`` (its weight is the PiSSA residual after
+        base_layer: the wrapped, frozen ``nn.Linear`` or ``Conv1D`` (its weight is the PiSSA residual after
             ``init="pissa"``).
         pissa_down, pissa_up: after ``init="pissa"``, the fp64 factors of the part moved out of the base
             weight (W_res = W − pissa_up @ pissa_down), else None.
@@ -59,7 +82,7 @@ class MoELoRALinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         num_experts: int,
         rank: int,
         alpha: float,
@@ -79,11 +102,11 @@ class MoELoRALinear(nn.Module):
         recompute_hidden: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MoELoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not is_linear_like(base_layer):
+            raise TypeError(f"MoELoRALinear wraps an nn.Linear or a Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.transposed = is_conv1d(base_layer)  # Conv1D stores its weight as (in, out)
+        self.out_features, self.in_features = self.base_weight.shape
         self.num_experts = num_experts
         self.rank = rank
         self.alpha = alpha
@@ -126,6 +149,12 @@ class MoELoRALinear(nn.Module):
         self.last_router_logits: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
         self.reset_adapter_parameters(init, router_init_std)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight as ``(out, in)`` (a transposed view for a ``Conv1D``; writes go through)."""
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
 
     @property
     def gate_weight(self) -> torch.Tensor:
@@ -205,7 +234,7 @@ class MoELoRALinear(nn.Module):
         with torch.autocast(device_type, enabled=False):
             y, logits, gates = moe_lora_linear(
                 x2d,
-                base.weight.to(dtype),
+                self.base_weight.to(dtype),
                 None if base.bias is None else base.bias.to(dtype),
                 self.lora_A.to(dtype),
                 self.effective_lora_b().to(dtype),

@@ -1,4 +1,5 @@
-"""Attach MoE-LoRA experts to the ``nn.Linear`` modules of any PyTorch / Hugging Face model.
+"""Attach MoE-LoRA experts to the linear modules (``nn.Linear``, GPT-2's ``Conv1D``) of any PyTorch /
+Hugging Face model.
 
 ``add_moe_lora`` finds the targeted modules (``find_target_modules``), wraps each in a ``MoELoRALinear``
 (with E from ``MoELoRAConfig.experts_for_layer(layer_index(name))``) and freezes everything else;
@@ -17,7 +18,7 @@ from torch import nn
 
 from riemix.core.config import MoELoRAConfig
 from riemix.core.init import pissa_original, pissa_residual, same_bits
-from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
+from riemix.core.layer import MoELoRALinear, is_linear_like, iter_moe_lora_layers
 from riemix.core.schedules import scale_warmup_factor
 
 __all__ = [
@@ -43,24 +44,30 @@ def layer_index(module_name: str) -> int | None:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Sorted distinct last name components of the ``nn.Linear`` modules of ``model``."""
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-    )
+    """Sorted distinct last name components of the linear modules (``nn.Linear``, ``Conv1D``) of ``model``."""
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if is_linear_like(mod)})
 
 
 def _matches(name: str, target: list[str] | str) -> bool:
+    """Whether module ``name`` is targeted: a regex string (full match), or a list of suffixes and
+    ``re:<regex>`` items (full match of the name)."""
     if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+        return re.fullmatch(target.removeprefix("re:"), name) is not None
+    for t in target:
+        if t.startswith("re:"):
+            if re.fullmatch(t[3:], name):
+                return True
+        elif name == t or name.endswith("." + t):
+            return True
+    return False
 
 
 def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     """Full names of the modules ``config.target_modules`` selects, in model order.
 
     Raises:
-        ValueError: if nothing matches (the candidate Linear names are listed), if a match is not an
-            ``nn.Linear``, or if the model already carries MoE-LoRA adapters.
+        ValueError: if nothing matches (the candidate linear names are listed), if a match is not an
+            ``nn.Linear`` or ``Conv1D``, or if the model already carries MoE-LoRA adapters.
     """
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("model already has MoE-LoRA adapters; add_moe_lora must be called once per model")
@@ -68,16 +75,16 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or not _matches(name, config.target_modules):
             continue
-        if not isinstance(module, nn.Linear):
+        if not is_linear_like(module):
             raise ValueError(
                 f"target_modules {config.target_modules!r} matched {name!r}, which is a "
-                f"{type(module).__name__}, not an nn.Linear"
+                f"{type(module).__name__}, not an nn.Linear or Conv1D"
             )
         names.append(name)
     if not names:
         raise ValueError(
             f"target_modules {config.target_modules!r} matched no module; "
-            f"nn.Linear names in this model: {linear_names(model)}"
+            f"linear module names in this model: {linear_names(model)}"
         )
     return names
 
@@ -160,7 +167,7 @@ def _original_weight(name: str, layer: MoELoRALinear) -> torch.Tensor | None:
     """The base weight from before ``init="pissa"`` (None for other inits), checked to be exact."""
     if layer.pissa_down is None:
         return None
-    residual, down, up = layer.base_layer.weight, layer.pissa_down, layer.pissa_up
+    residual, down, up = layer.base_weight, layer.pissa_down, layer.pissa_up
     if layer.pissa_fix_index is None or layer.pissa_fix_value is None:
         raise ValueError(
             f"cannot restore the original weight of {name!r} exactly: its PiSSA factors are set but the "
@@ -209,7 +216,7 @@ def remove_moe_lora(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, layer in layers:
             if originals[name] is not None:
-                layer.base_layer.weight.copy_(originals[name])
+                layer.base_weight.copy_(originals[name])
     if layers[0][0] == "":  # the model is itself a MoELoRALinear (modules are listed parent first)
         return layers[0][1].base_layer
     for name, layer in layers:

@@ -34,6 +34,7 @@ from torch import nn
 
 from riemix.core.config import MoELoRAConfig
 from riemix.core.init import restore_pissa
+from riemix.core.layer import is_conv1d, is_linear_like
 from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
 from riemix.core.tuner import add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
 from riemix.io.fileio import atomic_write, atomic_write_json, publish_dir, recover_dir, sibling_temp_path
@@ -211,12 +212,13 @@ def _check_base(model: nn.Module, meta: dict[str, Any], cfg_path: Path) -> None:
         except AttributeError:
             problems.append(f"module {name!r} does not exist")
             continue
-        if not isinstance(module, nn.Linear):
-            problems.append(f"module {name!r} is a {type(module).__name__}, not an nn.Linear")
+        if not is_linear_like(module):
+            problems.append(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
             continue
-        if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+        out_f, in_f = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
+        if (in_f, out_f) != (info["in_features"], info["out_features"]):
             problems.append(
-                f"module {name!r} has shape in={module.in_features}, out={module.out_features}; "
+                f"module {name!r} has shape in={in_f}, out={out_f}; "
                 f"adapter expects in={info['in_features']}, out={info['out_features']}"
             )
     if problems:
