@@ -133,6 +133,7 @@ def evaluate_model(
     batch_size: int = 32,
     max_length: int = 256,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Load a base model (with an adapter, or zero-shot without) and evaluate it on a dataset.
 
@@ -150,6 +151,7 @@ def evaluate_model(
         batch_size: Examples per evaluation batch.
         max_length: Longest tokenised example, in tokens.
         progress: Show a progress bar of the examples scored.
+        force: Load the adapter even onto base weights that differ from those it was trained on.
 
     Returns:
         ``{"dataset": name, "split": split, "examples": count, **metrics}``.
@@ -167,7 +169,7 @@ def evaluate_model(
         ds = ds.subset(subset, seed=0)
     base, tokenizer = load_model(model, task=model_kind, num_labels=num_labels_for(ds, model_kind))
     if adapter:
-        load_adapter(base, adapter)
+        load_adapter(base, adapter, force=force)
     spec = TaskSpec.for_dataset(
         ds, model_kind, format=format, template=template, label_words=label_words, max_length=max_length
     )

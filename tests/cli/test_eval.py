@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import riemix.cli.eval as eval_command
 from riemix.cli import main
 
@@ -51,3 +53,18 @@ def test_output_in_a_new_directory_is_created(monkeypatch, tmp_path, capsys):
     out = tmp_path / "new" / "dir" / "m.json"
     assert main(["eval", "--model", "m", "--dataset", "d", "--output", str(out)]) == 0
     assert json.loads(out.read_text()) == {"accuracy": 1.0}
+
+
+def test_an_adapter_of_another_checkpoint_exits_2_unless_forced(tmp_path, mcq_files, capsys):
+    from riemix import MoELoRAConfig, add_moe_lora, save_adapter
+    from tests.helpers import make_tiny_llama, save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path)
+    other = add_moe_lora(make_tiny_llama(seed=7), MoELoRAConfig(num_experts=2, top_k=1, rank=2))
+    save_adapter(other, tmp_path / "adapter")  # trained on another checkpoint of the same architecture
+    argv = ["eval", "--model", model_dir, "--adapter", str(tmp_path / "adapter"), "--dataset", mcq_files[1],
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    assert "weights differ from those the adapter was trained on" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"Loaded anyway \(force\)"):
+        assert main([*argv, "--force"]) == 0

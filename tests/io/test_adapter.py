@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from riemix import AdapterError, MoELoRAConfig, add_moe_lora, iter_moe_lora_layers, load_adapter, save_adapter
 from riemix.core.schedules import set_scale_progress
 from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from riemix.io.fingerprint import weight_digest
 from tests.helpers import make_tiny_bert, make_tiny_llama, tiny_inputs
 
 CFG = dict(num_experts=3, top_k=2, rank=2, target_modules=["q_proj", "v_proj"])
@@ -69,7 +70,23 @@ def test_config_contents(tmp_path):
         "out_features": 32,
         "num_experts": 3,
         "rank": 2,
+        "weight_sha256": weight_digest(make_tiny_llama().model.layers[0].self_attn.q_proj.weight),
+        "weight_dtype": "float32",
     }
+
+
+def test_an_adapter_is_refused_on_another_checkpoint_of_the_same_architecture(tmp_path):
+    save_adapter(trained_llama(MoELoRAConfig(**CFG)), tmp_path)
+    other = make_tiny_llama(seed=5)  # same shapes, other weights
+    with pytest.raises(AdapterError, match=r"weights differ from those the adapter was trained on in 4 of 4 .*--force"):
+        load_adapter(other, tmp_path)
+    assert not list(iter_moe_lora_layers(other))  # untouched
+    with pytest.warns(UserWarning, match=r"Loaded anyway \(force\)"):
+        load_adapter(other, tmp_path, force=True)
+    wider = make_tiny_llama(dtype=torch.float64)  # the same checkpoint held in fp64: verified after a cast
+    load_adapter(wider, tmp_path)
+    with pytest.warns(UserWarning, match=r"cannot verify the base weights of 4 module\(s\) held in a narrower dtype"):
+        load_adapter(make_tiny_llama(dtype=torch.bfloat16), tmp_path)
 
 
 def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ An adapter directory holds two files, each written atomically:
   moved into the experts, so the residual base can be rebuilt from the original model);
 - ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
   model (class name and, per wrapped module, its in/out features, expert count and rank: the dimensions
-  the table's shapes are computed from) and the SHA-256 of the tensor file.
+  the table's shapes are computed from; and the SHA-256 of the original weight it wraps, so an adapter is
+  not silently loaded onto another checkpoint of the same architecture: ``riemix.io.fingerprint``) and
+  the SHA-256 of the tensor file.
 
 The directory is built in a hidden sibling and published whole (``riemix.io.fileio.publish_dir``: fsync,
 then an atomic exchange with the previous adapter), so a crash at any instant leaves the previous
@@ -38,6 +40,7 @@ from riemix.core.layer import is_conv1d, is_linear_like
 from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
 from riemix.core.tuner import add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
 from riemix.io.fileio import atomic_write, atomic_write_json, publish_dir, recover_dir, sibling_temp_path
+from riemix.io.fingerprint import check_base_weights, layer_weight_digest
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
 
@@ -60,15 +63,17 @@ def _sha256(path: Path) -> str:
 
 
 def _fingerprint(model: nn.Module) -> dict[str, Any]:
-    modules = {
-        name: {
+    modules = {}
+    for name, layer in iter_moe_lora_layers(model):
+        digest, dtype = layer_weight_digest(layer)  # the original base weight (riemix.io.fingerprint)
+        modules[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "num_experts": layer.num_experts,
             "rank": layer.rank,
+            "weight_sha256": digest,
+            "weight_dtype": dtype,
         }
-        for name, layer in iter_moe_lora_layers(model)
-    }
     return {"model_class": type(model).__name__, "modules": modules}
 
 
@@ -226,16 +231,22 @@ def _check_base(model: nn.Module, meta: dict[str, Any], cfg_path: Path) -> None:
         raise AdapterError(f"{cfg_path}: adapter does not match this base model: {shown}")
 
 
-def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = False) -> nn.Module:
     """Add the adapters saved at ``path`` to a plain base model (in place) and return it.
 
     The restored A, B and router tensors are bit-identical to the saved ones (cast only when the base
     model's adapter dtype differs). Adapter parameters are trainable, everything else frozen.
 
+    Args:
+        base_model: The plain base model (no adapters).
+        path: The adapter directory.
+        force: Load onto base weights that differ from those the adapter was trained on (a warning
+            instead of an error; ``riemix.io.fingerprint``).
+
     Raises:
         AdapterError: missing/corrupt files, a tensor file whose checksum or contents do not match the
-            config, a tensor holding NaN or inf, or a base model that differs (class, module names or
-            shapes — all differences named).
+            config, a tensor holding NaN or inf, or a base model that differs (class, module names,
+            shapes, or — unless ``force`` — the wrapped weights; all differences named).
     """
     path = Path(path)
     recover_dir(path)  # a save interrupted on a system without atomic exchange left it renamed aside
@@ -247,6 +258,10 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if _sha256(weights) != meta.get("weights_sha256"):
         raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
     _check_base(base_model, meta, cfg_path)
+    try:
+        check_base_weights(base_model, meta["base_model"]["modules"], cfg_path, force)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from exc
     config = _config_from_meta(meta)
     saved_modules = meta["base_model"]["modules"]
     targets = find_target_modules(base_model, config)
