@@ -101,3 +101,9 @@ def test_publish_dir_swaps_atomically_where_the_system_can(tmp_path, monkeypatch
     monkeypatch.setattr(fileio, "discard_dir", lambda p: pytest.fail("no rename-aside needed"))
     assert fileio.publish_dir(_build(final, "two"), final) is True
     assert len(calls) == 1 and (final / "data.txt").read_text() == "two" and _hidden(tmp_path) == []
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    fileio.atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode

@@ -52,6 +52,15 @@ STALE_AGE_S = 24 * 3600
 """Age after which a temporary directory of another host is assumed abandoned (one day)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") gives a new file under this process's umask
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
 
@@ -67,6 +76,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; published files get the mode open() would give
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
