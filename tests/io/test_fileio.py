@@ -59,18 +59,35 @@ def test_publish_dir_keeps_an_existing_directory_the_caller_accepts(tmp_path):
 def test_publish_dir_gives_up_when_the_path_keeps_reappearing(tmp_path, monkeypatch):
     final = tmp_path / "out"
     tmp = _build(final, "ours")
-    discarded = []
+    moved = []
 
     def recreate(path):
-        discarded.append(path)  # another writer puts a directory back every time
+        moved.append(path)  # another writer puts a directory back every time
+        return fileio.sibling_temp_path(path, "old")
 
-    monkeypatch.setattr(fileio, "discard_dir", recreate)
+    monkeypatch.setattr(fileio, "_move_aside", recreate)
     monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)  # the fall-back path of other systems
     final.mkdir()
     (final / "other.txt").write_text("x")
     with pytest.raises(FileExistsError, match="could not publish"):
         fileio.publish_dir(tmp, final, attempts=2)
-    assert discarded == [final, final]
+    assert moved == [final, final]
+
+
+def test_the_fallback_publish_deletes_the_old_directory_only_once_the_new_one_is_in(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    fileio.publish_dir(_build(final, "old"), final)
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    seen = []
+    real_rmtree = fileio.shutil.rmtree
+
+    def rmtree(path, **kw):
+        seen.append((final / "data.txt").read_text())  # what stands at final while the old one is deleted
+        real_rmtree(path, **kw)
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", rmtree)
+    assert fileio.publish_dir(_build(final, "new"), final) is True
+    assert seen == ["new"] and _hidden(tmp_path) == []
 
 
 def test_discard_dir_removes_a_tree_and_ignores_a_missing_one(tmp_path):

@@ -39,7 +39,14 @@ from riemix.core.init import restore_pissa
 from riemix.core.layer import is_conv1d, is_linear_like
 from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
 from riemix.core.tuner import add_moe_lora, find_target_modules, iter_moe_lora_layers, layer_index
-from riemix.io.fileio import atomic_write, atomic_write_json, publish_dir, recover_dir, sibling_temp_path
+from riemix.io.fileio import (
+    atomic_write,
+    atomic_write_json,
+    clean_stale_temp_dirs,
+    publish_dir,
+    recover_dir,
+    sibling_temp_path,
+)
 from riemix.io.fingerprint import check_base_weights, layer_weight_digest
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterError", "FORMAT_VERSION"]
@@ -115,6 +122,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
             f"refusing to save the adapter to {out}: it holds files that are not an adapter's: {foreign[:5]}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_dirs(out)  # what a save killed before publishing left behind
     tmp = sibling_temp_path(out)  # the whole directory is built aside and published in one rename
     tmp.mkdir()
     try:

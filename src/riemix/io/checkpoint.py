@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from riemix.io.adapter import save_adapter
-from riemix.io.fileio import atomic_write_json, clean_stale_temp_dirs, publish_dir, sibling_temp_path
+from riemix.io.fileio import atomic_write, atomic_write_json, clean_stale_temp_dirs, publish_dir, sibling_temp_path
 
 __all__ = [
     "CheckpointError",
@@ -142,7 +142,7 @@ def save_checkpoint(
             "rng": rng_state(),
             "extra": extra,
         }
-        torch.save(state, tmp / STATE_NAME)
+        atomic_write(tmp / STATE_NAME, lambda t: torch.save(state, t))  # a full disk is reported as ENOSPC
         manifest = {"step": step, "run_id": extra.get("run_id"), "trainer_state_sha256": _sha256(tmp / STATE_NAME)}
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         publish_dir(tmp, final)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import functools
 import json
 import logging
 import os
@@ -81,11 +83,31 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        full = _disk_full(exc, path.parent)  # judged before the partial file is removed
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if full:  # writers (safetensors, torch.save) report a full disk in their own words, or no path
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or any error with under 1 MiB left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -196,16 +218,23 @@ def discard_dir(path: str | os.PathLike) -> None:
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
+@functools.cache
+def _renameat2():
+    """libc's ``renameat2`` (looked up once), or None where the C library has none."""
+    try:
+        func = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return func
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically (Linux ``renameat2``); False where that is not available."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    ok = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
-    return ok
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def recover_dir(final: str | os.PathLike) -> bool:
@@ -240,7 +269,9 @@ def publish_dir(
 
     A directory already at ``final`` is kept when ``keep_existing(final)`` is true (e.g. another
     process published a valid copy first; ``tmp`` is then left for the caller to delete).
-    Otherwise it is renamed aside and deleted, and the rename is retried.
+    Otherwise the two are swapped atomically (``renameat2(RENAME_EXCHANGE)``) and the old one deleted;
+    where the exchange is unavailable the old one is renamed aside, ours renamed in, and only then is the
+    old one deleted (a crash in between leaves it complete for :func:`recover_dir`).
 
     Args:
         tmp: The fully written directory, normally a :func:`sibling_temp_path` of ``final``.
@@ -265,15 +296,30 @@ def publish_dir(
             _fsync_dir(final.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
             return True
-    for _ in range(attempts):
-        try:
-            os.rename(tmp, final)
-            _fsync_dir(final.parent)
-            return True
-        except OSError:
-            if not final.exists():
-                raise
-        if keep_existing is not None and keep_existing(final):
-            return False
-        discard_dir(final)
-    raise FileExistsError(f"could not publish {tmp} at {final}: the path kept being re-created")
+    asides: list[Path] = []  # old directories moved out of the way, deleted once ours is in place
+    try:
+        for _ in range(attempts):
+            try:
+                os.rename(tmp, final)
+                _fsync_dir(final.parent)
+                return True
+            except OSError:
+                if not final.exists():
+                    raise
+            if keep_existing is not None and keep_existing(final):
+                return False
+            asides.append(_move_aside(final))  # complete until ours is in: recover_dir can put it back
+        raise FileExistsError(f"could not publish {tmp} at {final}: the path kept being re-created")
+    finally:
+        for aside in asides:
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to a hidden ``.old`` sibling (nothing is deleted) and return the new name."""
+    aside = sibling_temp_path(path, "old")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, aside)
+        _fsync_dir(path.parent)
+    return aside

@@ -37,8 +37,13 @@ class MetricsLogger:
         """
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        except OSError as exc:
+            if exc.filename is None:  # a failed write or flush names no file: name it (cli.main reports it)
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
         if self.writer is None:
             return
         flat = {k: v for k, v in entry.items() if k not in ("step", "eval", "diagnostics")}
