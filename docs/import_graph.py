@@ -22,8 +22,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "core": (-1.5, 0), "data": (0, 0), "metrics": (1.5, 0),
     "io": (-0.8, 1), "tasks": (0.8, 1),
     "optim": (-1.9, 2.2), "hub": (0.3, 2),
-    "diagnostics": (-0.5, 3), "evaluate": (1.2, 3),
-    "training": (0, 4), "cli": (0, 5),
+    "diagnostics": (-0.5, 3), "evaluate": (1.2, 3), "ship": (-1.9, 3.6),
+    "training": (0, 4), "cli": (0, 5), "integrations": (-1.1, 5),
 }  # fmt: skip
 
 #: What each tier may import (besides itself); the graph must stay acyclic.
@@ -39,8 +39,11 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"data", "hub", "io", "metrics", "tasks"},
     "diagnostics": {"core", "hub", "io"},
     "training": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "tasks"},
-    "cli": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "tasks", "training"},
-    "riemix": {"core", "hub", "io", "optim"},  # hub: load_model, imported on first use
+    "ship": {"core", "hub", "io"},  # merge (core), load (hub) and write (io): export and generation
+    "integrations": {"core", "diagnostics", "io", "optim"},  # transformers.Trainer / TRL: the recipe's step
+    "cli": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "ship", "tasks", "training"},
+    # hub: load_model, ship: export_model, integrations: RiemixTrainer & co., each imported on first use
+    "riemix": {"core", "hub", "integrations", "io", "optim", "ship"},
     "__main__": {"cli"},
 }
 

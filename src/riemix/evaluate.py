@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -53,7 +54,7 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
 
     Returns:
         ``{"preds": array}`` (class/choice indices, or regression values) for scored tasks, or
-        ``{"loss": mean token loss}`` for SFT.
+        ``{"loss": mean token loss, "nll": summed, "tokens": count}`` for SFT.
 
     An encoder's ``spec.max_length`` beyond its position embeddings is lowered to them, with a warning
     (``riemix.tasks.fit_max_length``).
@@ -102,18 +103,37 @@ def predict(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, 
         if bar is not None:
             bar.close()
     if dataset.task == "sft":
-        return {"loss": total_nll / max(total_tokens, 1)}
+        return {"loss": total_nll / max(total_tokens, 1), "nll": total_nll, "tokens": total_tokens}
     return {"preds": np.asarray(preds)}
 
 
 def evaluate(task_model: TaskModel, dataset: Dataset, spec: TaskSpec, tokenizer, batch_size: int = 16,
              device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-             progress: bool | str = False) -> dict[str, float]:
+             progress: bool | str = False, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Metrics of ``task_model`` on ``dataset`` (its primary metric, plus loss/perplexity for SFT).
 
-    The arguments are those of ``predict``.
+    The other arguments are those of ``predict``.
+
+    Args:
+        shard: ``(rank, world)``: with ``world > 1`` (a running process group) this process scores the
+            examples ``rank::world`` and every process's predictions are gathered back in dataset order
+            (SFT: the summed losses and token counts), so every process returns the metrics of the whole
+            dataset, equal to a single process's.
     """
-    out = predict(task_model, dataset, spec, tokenizer, batch_size, device, autocast_dtype, progress)
+    rank, world = shard
+    part = dataset if world == 1 else dataclasses.replace(dataset, examples=dataset.examples[rank::world])
+    out = predict(task_model, part, spec, tokenizer, batch_size, device, autocast_dtype, progress)
+    if world > 1:
+        outs: list = [None] * world
+        torch.distributed.all_gather_object(outs, out)  # every process's predictions, in rank order
+        if dataset.task == "sft":
+            nll, tokens = sum(o["nll"] for o in outs), sum(o["tokens"] for o in outs)
+            out = {"loss": nll / max(tokens, 1)}
+        else:
+            preds = np.empty(len(dataset), dtype=outs[0]["preds"].dtype)
+            for r, o in enumerate(outs):
+                preds[r::world] = o["preds"]
+            out = {"preds": preds}
     if "loss" in out:
         return {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50.0))}
     return compute_metrics(dataset.metric, out["preds"], dataset.targets())

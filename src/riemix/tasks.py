@@ -458,8 +458,14 @@ class TaskModel(nn.Module):
             logits = logits + head.bias[rows]
         return logits
 
+    @staticmethod
+    def num_targets(batch: dict) -> int:
+        """The loss terms of a batch: its target tokens (causal LM) or examples (encoder)."""
+        return int(batch["labels"].numel() if "labels" in batch else batch["loss_target"].numel())
+
     def forward(self, batch: dict, mode: str = "loss") -> torch.Tensor:
-        """``mode="loss"``: mean loss; ``"token_logprobs"``: (P,) target log-probs; ``"choice"``: (B, C).
+        """``mode="loss"``: mean loss; ``"loss_sum"``: summed loss (over ``num_targets(batch)`` terms);
+        ``"token_logprobs"``: (P,) target log-probs; ``"choice"``: (B, C).
 
         Raises:
             ValueError: an encoder batch longer than the model's position embeddings (``max_positions``).
@@ -474,11 +480,12 @@ class TaskModel(nn.Module):
                 )
             out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
             logits = out.logits  # (B, C)
-            if mode != "loss":
+            if mode not in ("loss", "loss_sum"):
                 return logits
+            reduction = "sum" if mode == "loss_sum" else "mean"
             if logits.shape[-1] == 1:
-                return F.mse_loss(logits.squeeze(-1).float(), batch["labels"].float())
-            return F.cross_entropy(logits.float(), batch["labels"])
+                return F.mse_loss(logits.squeeze(-1).float(), batch["labels"].float(), reduction=reduction)
+            return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
         hidden = self._hidden(batch)  # (B, T, H)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H)
         if mode == "choice":
@@ -488,4 +495,4 @@ class TaskModel(nn.Module):
         logits = self._head(flat[batch["loss_index"]]).float()  # (P, V) only at target positions
         if mode == "token_logprobs":
             return -F.cross_entropy(logits, batch["loss_target"], reduction="none")  # (P,)
-        return F.cross_entropy(logits, batch["loss_target"])
+        return F.cross_entropy(logits, batch["loss_target"], reduction="sum" if mode == "loss_sum" else "mean")

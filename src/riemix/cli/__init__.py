@@ -25,6 +25,8 @@ from pathlib import Path
 from riemix.cli import check_init as check_init_command
 from riemix.cli import data as data_command
 from riemix.cli import eval as eval_command
+from riemix.cli import export as export_command
+from riemix.cli import generate as generate_command
 from riemix.cli import inspect as inspect_command
 from riemix.cli import train as train_command
 from riemix.data import DataError
@@ -35,7 +37,15 @@ from riemix.training.guard import TrainingDiverged, TrainingInterrupted
 __all__ = ["build_parser", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-COMMANDS = (train_command, eval_command, inspect_command, check_init_command, data_command)
+COMMANDS = (
+    train_command,
+    eval_command,
+    inspect_command,
+    check_init_command,
+    data_command,
+    export_command,
+    generate_command,
+)
 #: Exceptions that mean bad input: reported in one line, exit status 2.
 INPUT_ERRORS = (ValueError, DataError, AdapterError, ModelLoadError, FileNotFoundError)
 #: File-system failures reported in one line (exit status 2) instead of a traceback.

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from riemix.core.config import EXPERT_COMPUTE_MODES, INIT_MODES, ROUTING_MODES, MoELoRAConfig, allowed_types
+from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MODEL_KINDS
 from riemix.training.config import REGULARIZER_MODES, SCHEDULES
@@ -58,6 +59,13 @@ class _Caseless(tuple):
         return isinstance(value, str) and value.lower() in tuple(self)
 
 
+class _OrNone(tuple):
+    """Valid values of an optional option: ``none`` / ``null`` (parsed to None) is accepted as well."""
+
+    def __contains__(self, value: object) -> bool:
+        return value is None or tuple.__contains__(self, value)
+
+
 #: Option name -> its valid values (the constants the configs validate against).
 CHOICES: dict[str, tuple[str, ...]] = {
     "routing": ROUTING_MODES,
@@ -68,6 +76,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "format": FORMATS,
     "schedule": SCHEDULES,
     "regularizer_mode": REGULARIZER_MODES,
+    "quantization": _OrNone(QUANTIZATIONS),
+    "base_dtype": _OrNone(BASE_DTYPES),
 }
 
 #: Option name -> flag name, where they differ (kept from the first command line: ``--experts``).

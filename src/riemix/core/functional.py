@@ -18,6 +18,11 @@ wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ).
   selected (token, expert) pairs only, with the same math.
 - ``reference_moe_lora_linear`` is the readable version: a loop over experts with ordinary autograd.
   Tests compare the two in every routing mode (see docs/math.md).
+
+With ``weight=None`` both compute the adapter term alone, s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃, and its gradients (∂L/∂x then
+holds the router's and the experts' parts only): the caller computes the base output itself, through the
+base module's own autograd, and adds it.  That is how a layer wraps a quantized base (bitsandbytes
+``Linear4bit`` / ``Linear8bitLt``) whose weight is packed and cannot be read as an ``(out, in)`` matrix.
 """
 
 from __future__ import annotations
@@ -145,14 +150,16 @@ def _dense_forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spe
     else:
         logits = hx[:, split:].contiguous()  # (N, E)
     gates, _ = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
-    y = F.linear(x, weight, bias)  # (N, out)
     u = (h.view(n, e, r) * (gates * scaling).to(h.dtype).unsqueeze(-1)).view(n, e * r)  # (N, E·r)
+    if weight is None:  # the adapter term alone: the caller adds the base output
+        return u @ b_cat.t(), logits, gates, h  # (N, out) = s·Σ g·B A x̃
+    y = F.linear(x, weight, bias)  # (N, out)
     y.addmm_(u, b_cat.t())  # (N, out) += s·Σ g·B A x̃
     return y, logits, gates, h
 
 
 class _MoELoRAFunction(torch.autograd.Function):
-    """Base linear + router + fused experts in one autograd node. See ``moe_lora_linear``.
+    """Base linear (none with ``weight=None``) + router + fused experts in one autograd node. See ``moe_lora_linear``.
 
     What a training forward keeps for the backward, besides its inputs (x, which any LoRA keeps, and the
     parameters): the gates, compactly (``_compact_gates``: k values and k small indices per token), and,
@@ -219,10 +226,13 @@ class _MoELoRAFunction(torch.autograd.Function):
         dh = (du.view(n, e, r) * cs).view(n, e * r)  # (N, E·r), weighted by c
         grad = dict.fromkeys(_Inputs._fields)
         d_cat = _shared_x(dh, dlog, experts_read_x, meta.is_global, dim=1)  # (N, K): ∂L/∂(x @ w_catᵀ)
-        if need.x:
-            grad["x"] = grad_y @ weight  # (N, in)
-            if d_cat is not None:
-                grad["x"] = grad["x"].addmm_(d_cat, w_cat)  # (N, in)
+        if need.x:  # the base's part (none without a weight: the caller's base module has its own) + ours
+            if weight is not None:
+                grad["x"] = grad_y @ weight  # (N, in)
+                if d_cat is not None:
+                    grad["x"] = grad["x"].addmm_(d_cat, w_cat)  # (N, in)
+            elif d_cat is not None:
+                grad["x"] = d_cat @ w_cat  # (N, in)
         if d_cat is not None and ((experts_read_x and need.lora_a) or (not meta.is_global and need.router_w)):
             g_cat = d_cat.t() @ x  # (K, in)
             split = e * r if experts_read_x else 0
@@ -249,7 +259,7 @@ class _MoELoRAFunction(torch.autograd.Function):
 
 def moe_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -273,10 +283,14 @@ def moe_lora_linear(
     ordinary gradient (plus any gradient flowing into the returned logits, e.g. from auxiliary losses).
     ``reference_moe_lora_linear`` computes the same values and gradients plainly.
 
+    Without a base weight (``weight=None``) the result is the adapter term alone, ``s·Σᵢ gᵢ(x)·Bᵢ Aᵢ x̃``,
+    and ∂L/∂x its part only: adding the output of a base module called on x (with its own autograd) gives
+    the full layer, values and gradients, as with the weight passed here.
+
     Args:
         x: ``(N, in)`` input (router input, and expert input when ``x_drop`` is None).
-        weight: ``(out, in)`` base weight.
-        bias: ``(out,)`` base bias or None.
+        weight: ``(out, in)`` base weight, or None for the adapter term alone (the caller adds the base).
+        bias: ``(out,)`` base bias or None (None when ``weight`` is None).
         lora_a: ``(E, r, in)`` stacked A matrices.
         lora_b: ``(E, out, r)`` stacked B matrices.
         router_weight: ``(E, in)`` router weight, or the ``(E,)`` gate logits for ``routing="global"``.
@@ -299,8 +313,11 @@ def moe_lora_linear(
         ``(N, E)`` fp32 gates (not differentiable; for diagnostics).
 
     Raises:
-        ValueError: for an unknown ``expert_compute``, or ``"sparse"`` with ``dense``/``global`` routing.
+        ValueError: for an unknown ``expert_compute``, ``"sparse"`` with ``dense``/``global`` routing, or a
+            bias without a weight.
     """
+    if weight is None and bias is not None:
+        raise ValueError("moe_lora_linear: a bias needs the base weight; with weight=None the caller adds the base")
     spec = RouteSpec(routing, int(top_k), float(temperature), float(top_p))
     if use_sparse_experts(expert_compute, routing, spec.top_k, lora_a.shape[0], x.device.type):
         return sparse_moe_lora_linear(  # it always recomputes h (faster there than keeping it, measured)
@@ -313,7 +330,7 @@ def moe_lora_linear(
 
 
 def reference_moe_lora_linear(  # the signature of moe_lora_linear
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     routing: str, top_k: int, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None,
     temperature: float = 1.0, top_p: float = 1.0, noise: Tensor | None = None, expert_compute: str = "auto",
     recompute_hidden: bool = False,
@@ -323,7 +340,8 @@ def reference_moe_lora_linear(  # the signature of moe_lora_linear
     Expert i contributes s·wᵢ with wᵢ = cᵢ·eᵢ + (gᵢ − cᵢ)·stopgrad(eᵢ), eᵢ = x̃ Aᵢᵀ Bᵢᵀ and
     cᵢ = stopgrad(gᵢ^p): the value is s·gᵢ·eᵢ, the gradient reaching Aᵢ, Bᵢ and x̃ is weighted by cᵢ and
     the gate receives s·⟨∂L/∂y, eᵢ⟩.  Same arguments and results as ``moe_lora_linear``
-    (``expert_compute`` and ``recompute_hidden`` are accepted and ignored: the loop is the spec of them all).
+    (``expert_compute`` and ``recompute_hidden`` are accepted and ignored: the loop is the spec of them all;
+    ``weight=None`` leaves the base out).
     """
     expert_in = x if x_drop is None else x_drop  # (N, in)
     n, num_experts = x.shape[0], lora_a.shape[0]
@@ -334,7 +352,7 @@ def reference_moe_lora_linear(  # the signature of moe_lora_linear
     gates, _ = route(logits, routing, int(top_k), float(temperature), float(top_p), noise)  # (N, E)
     g = gates.to(x.dtype)  # (N, E)
     c = gate_grad_coefficients(gates, float(gate_grad_power)).to(x.dtype)  # (N, E), detached
-    y = F.linear(x, weight, bias)  # (N, out)
+    y = x.new_zeros(n, lora_b.shape[1]) if weight is None else F.linear(x, weight, bias)  # (N, out)
     for i in range(num_experts):
         e_i = expert_in @ lora_a[i].t() @ lora_b[i].t()  # (N, out)
         w_i = c[:, i : i + 1] * e_i + (g[:, i : i + 1] - c[:, i : i + 1]) * e_i.detach()  # (N, out)

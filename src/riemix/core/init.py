@@ -18,6 +18,9 @@ random Llama about 15% of the entries miss by one unit in the last place).  The 
 as well (``layer.pissa_fix_index`` / ``layer.pissa_fix_value``, a sparse list of flat indices and original
 values), so that ``pissa_original`` rebuilds W bit-identically and ``riemix.remove_moe_lora`` can give the
 original model back.
+
+A quantized base (bitsandbytes, ``layer.quantized_base``) has no floating-point weight to factor or to
+replace by a residual: ``"pissa"`` refuses it (every other init leaves the base alone).
 """
 
 from __future__ import annotations
@@ -249,6 +252,12 @@ def restore_pissa(layer, down: torch.Tensor, up: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _init_pissa(layer) -> None:
+    if getattr(layer, "quantized_base", False):
+        raise ValueError(
+            f"init='pissa' factors the base weight, but this layer's base is a quantized "
+            f"{type(layer.base_layer).__name__} (bitsandbytes; its weight is packed): use another init "
+            "(e.g. zero_b) or load the base without quantization"
+        )
     if layer.pissa_down is not None:
         raise ValueError("init='pissa': this layer already carries a PiSSA residual; build a fresh layer")
     if layer.router is not None:
@@ -281,7 +290,8 @@ def initialise_layer(layer, init: str, router_init_std: float = 0.02) -> None:
         router_init_std: std of the router's normal init (ignored by ``"pissa"``: zero router).
 
     Raises:
-        ValueError: for an unknown init, or ``"pissa"`` on a layer that already has a residual.
+        ValueError: for an unknown init, or ``"pissa"`` on a layer that already has a residual or whose base
+            is quantized (its weight cannot be factored; refused rather than dequantised and re-quantised).
     """
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")

@@ -11,6 +11,12 @@ fused autograd node with gate-rescaled gradients, see that module).  Initialisat
 The wrapped module is an ``nn.Linear`` or a GPT-2-style ``Conv1D`` (a linear map whose weight is stored
 transposed, ``(in, out)``, as in GPT-2, GPT-J's ancestors and DistilGPT-2); ``base_weight`` always reads
 it as ``(out, in)``.
+
+A quantized base (bitsandbytes ``Linear4bit`` with NF4/FP4, ``Linear8bitLt``; ``is_quantized_linear``)
+holds its weight packed, so the layer does not read it: it *calls* the base module (``call_base``), whose
+own autograd gives the base's part of ∂L/∂x, and adds the adapter term from ``moe_lora_linear`` called
+without a weight (which gives the adapter's part).  ``guard_quantized_layers`` keeps bitsandbytes from
+repacking 4-bit weights on CPU, after which they would pass no gradient back.
 """
 
 from __future__ import annotations
@@ -27,7 +33,17 @@ from riemix.core.init import initialise_layer
 from riemix.core.routing import route
 from riemix.core.sparse import use_sparse_experts
 
-__all__ = ["MoELoRALinear", "is_conv1d", "is_linear_like", "iter_moe_lora_layers"]
+__all__ = [
+    "MoELoRALinear",
+    "guard_quantized_layers",
+    "is_conv1d",
+    "is_linear_like",
+    "is_quantized_linear",
+    "iter_moe_lora_layers",
+]
+
+# bitsandbytes' quantized linear classes (LinearNF4 / LinearFP4 subclass Linear4bit).
+_QUANTIZED_CLASSES = frozenset({"Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"})
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -44,17 +60,76 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes quantized linear map (``Linear4bit``, NF4/FP4, ``Linear8bitLt``).
+
+    Recognised by class name and defining package (any class in its MRO), so ``riemix.core`` does not import
+    bitsandbytes.  Such a module's weight is packed (4-bit: an ``(out·in/2, 1)`` uint8 column plus a
+    quantization state); ``in_features`` / ``out_features`` are its attributes.
+    """
+    return any(
+        cls.__name__ in _QUANTIZED_CLASSES and cls.__module__.partition(".")[0] == "bitsandbytes"
+        for cls in type(module).__mro__
+    )
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear map MoE-LoRA can wrap: an ``nn.Linear`` or a ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Whether ``module`` is a linear map MoE-LoRA can wrap: an ``nn.Linear``, a ``Conv1D`` or a bitsandbytes one."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
+
+
+def _repacked_for_cpu(module: nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def guard_quantized_layers(model: nn.Module) -> list[str]:
+    """Keep the bitsandbytes 4-bit layers of ``model`` differentiable on CPU (in place).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` the first time it runs in eval
+    mode on an input that does not require gradients: the packed weight is rewritten in place in a CPU
+    layout and its block scales are rounded to bf16.  A repacked layer computes slightly different outputs
+    and passes **no gradient** back to its input (its CPU kernel has no autograd formula; PyTorch only
+    warns), so training would silently lose every gradient path through it, adapted or not.  This turns
+    the repacking off on every 4-bit layer (its ``support_avx512bf16_for_cpu`` flag): training and
+    evaluation then compute the same numbers and gradients reach the input.
+
+    Args:
+        model: any module (a whole model, or one layer).
+
+    Returns:
+        The names of the 4-bit layers found (``""`` for ``model`` itself), in model order.
+
+    Raises:
+        ValueError: some 4-bit layers were repacked already (named): that cannot be undone exactly.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if is_quantized_linear(m) and hasattr(m, "weight")]
+    layers = [(n, m) for n, m in layers if hasattr(m.weight, "quant_state")]  # 4-bit (8-bit has no such state)
+    packed = [n or "<the module itself>" for n, m in layers if _repacked_for_cpu(m)]
+    if packed:
+        raise ValueError(
+            f"{len(packed)} bitsandbytes 4-bit layer(s) (e.g. {', '.join(packed[:3])}) were repacked for CPU "
+            "inference by an eval-mode forward; bitsandbytes passes no gradient through a repacked layer, so "
+            "training would silently lose gradients: load the model again (riemix.load_model prevents the "
+            "repacking) and add the adapters before running it"
+        )
+    for _, module in layers:
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return [n for n, _ in layers]
 
 
 class MoELoRALinear(nn.Module):
     """A frozen ``nn.Linear`` with a mixture of LoRA experts and a router.
 
     Attributes:
-        base_layer: the wrapped, frozen ``nn.Linear`` or ``Conv1D`` (its weight is the PiSSA residual after
-            ``init="pissa"``).
+        base_layer: the wrapped, frozen ``nn.Linear``, ``Conv1D`` or bitsandbytes quantized linear (its weight
+            is the PiSSA residual after ``init="pissa"``).
+        quantized_base: whether ``base_layer`` is quantized (``is_quantized_linear``): its weight is packed,
+            ``base_weight`` and ``init="pissa"`` refuse it.
+        call_base: whether the forward calls ``base_layer`` and adds the adapter term (always for a quantized
+            base), rather than reading the base weight into the fused node.  Both give the same values and
+            gradients.
         pissa_down, pissa_up: after ``init="pissa"``, the fp64 factors of the part moved out of the base
             weight (W_res = W − pissa_up @ pissa_down), else None.
         pissa_fix_index, pissa_fix_value: after ``init="pissa"``, the entries of W that W_res + up @ down
@@ -100,13 +175,36 @@ class MoELoRALinear(nn.Module):
         init_b_std: float = 1e-3,
         expert_compute: str = "auto",
         recompute_hidden: bool = False,
+        call_base: bool | None = None,
     ) -> None:
+        """Wrap ``base_layer``; the arguments are ``MoELoRAConfig``'s fields of the same names, except:
+
+        Args:
+            base_layer: the linear module to wrap (``is_linear_like``).
+            num_experts: E for this layer.
+            call_base: call ``base_layer`` instead of reading its weight (None: only for a quantized base;
+                False is refused for one).
+
+        Raises:
+            TypeError: ``base_layer`` is not linear-like.
+            ValueError: ``call_base=False`` with a quantized base, or a bad option (see ``MoELoRAConfig``).
+        """
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(f"MoELoRALinear wraps an nn.Linear or a Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
+        self.quantized_base = is_quantized_linear(base_layer)
+        if call_base is False and self.quantized_base:
+            raise ValueError(
+                f"call_base=False reads the base weight, but {type(base_layer).__name__} holds it quantized "
+                "(bitsandbytes); a quantized base is always called"
+            )
+        self.call_base = self.quantized_base if call_base is None else bool(call_base)
         self.transposed = is_conv1d(base_layer)  # Conv1D stores its weight as (in, out)
-        self.out_features, self.in_features = self.base_weight.shape
+        if self.quantized_base:  # the packed weight's shape is not (out, in)
+            self.out_features, self.in_features = int(base_layer.out_features), int(base_layer.in_features)
+        else:
+            self.out_features, self.in_features = self.base_weight.shape
         self.num_experts = num_experts
         self.rank = rank
         self.alpha = alpha
@@ -152,7 +250,16 @@ class MoELoRALinear(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        """The frozen base weight as ``(out, in)`` (a transposed view for a ``Conv1D``; writes go through)."""
+        """The frozen base weight as ``(out, in)`` (a transposed view for a ``Conv1D``; writes go through).
+
+        Raises:
+            ValueError: the base is quantized (its weight is packed, not an ``(out, in)`` matrix).
+        """
+        if self.quantized_base:
+            raise ValueError(
+                f"the base layer is a bitsandbytes {type(self.base_layer).__name__}: its weight is stored "
+                "quantized (packed), not as an (out, in) matrix; load the base without quantization to read it"
+            )
         weight = self.base_layer.weight
         return weight.t() if self.transposed else weight
 
@@ -231,11 +338,14 @@ class MoELoRALinear(nn.Module):
             noise = torch.randn(x2d.shape[0], self.num_experts, dtype=noise_dtype, device=x.device)  # (N, E)
             noise = noise * self.router_noise_std
         base = self.base_layer
+        fused = not self.call_base
         with torch.autocast(device_type, enabled=False):
+            # a called base (quantized: packed weight) keeps its own autograd and gives its part of ∂L/∂x
+            y_base = None if fused else base(x2d.view(x.shape)).reshape(-1, self.out_features)  # (N, out)
             y, logits, gates = moe_lora_linear(
                 x2d,
-                self.base_weight.to(dtype),
-                None if base.bias is None else base.bias.to(dtype),
+                self.base_weight.to(dtype) if fused else None,
+                None if base.bias is None or not fused else base.bias.to(dtype),
                 self.lora_A.to(dtype),
                 self.effective_lora_b().to(dtype),
                 self.gate_weight.to(dtype),
@@ -250,6 +360,8 @@ class MoELoRALinear(nn.Module):
                 expert_compute=self.expert_compute,
                 recompute_hidden=self.recompute_hidden,
             )  # (N, out), (N, E), (N, E)
+        if y_base is not None:
+            y = y_base.to(y.dtype) + y  # (N, out): base + s·Σ g·B A x̃
         if self.record_routing:
             self.last_router_logits, self.last_gates = logits, gates
         return y.view(*lead, self.out_features).to(out_dtype)
@@ -272,6 +384,7 @@ class MoELoRALinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}, "
             f"experts_computed={'sparse' if self.sparse_experts else 'dense'}"
+            + (", base=called" if self.call_base else "")
         )
 
 

@@ -14,7 +14,8 @@ backward gathers them again instead of saving them.  Besides the inputs, a train
 each pair's token index (int32) and gate, 8 bytes per selected pair: h = Aᵢ x̃ is recomputed from the
 gathered rows, the rest is rebuilt from those two (see ``_SparseMoELoRAFunction``).
 Under ``torch.no_grad`` the forward runs without an autograd node, so nothing is kept at all.
-``use_sparse_experts`` is the rule the layer uses to choose between the two paths.
+``use_sparse_experts`` is the rule the layer uses to choose between the two paths.  As on the dense path,
+``weight=None`` computes the adapter term alone (the caller adds the output of a base module it calls).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def _forward(x, x_drop, weight, bias, lora_a, lora_b, router_w, noise, spec, sca
     gates, selected = route(logits, spec.mode, spec.top_k, spec.temperature, spec.top_p, noise)  # (N, E)
     pairs = _group_pairs(selected)
     gs = (gates[pairs.token, pairs.expert] * scaling).to(x.dtype).unsqueeze(-1)  # (P, 1): s·g per pair
-    y = F.linear(x, weight, bias)  # (N, out)
+    if weight is None:  # the adapter term alone: the caller adds the base output
+        y = x.new_zeros(x.shape[0], lora_b.shape[1])  # (N, out)
+    else:
+        y = F.linear(x, weight, bias)  # (N, out)
     for e, lo, hi in pairs.spans:
         tokens = pairs.token[lo:hi]  # (n_e,)
         h = x_in.index_select(0, tokens) @ lora_a[e].t()  # (n_e, r) = x̃ Aₑᵀ
@@ -118,7 +122,9 @@ class _Meta(NamedTuple):
 
 
 class _SparseMoELoRAFunction(torch.autograd.Function):
-    """Base linear + router + the selected experts in one autograd node. See ``sparse_moe_lora_linear``.
+    """Base linear (none with ``weight=None``) + router + the selected experts in one node.
+
+    See ``sparse_moe_lora_linear``.
 
     Saved for the backward, besides the inputs: each pair's token index ``(P,)`` (int32) and gate ``(P,)``.
     The pairs' experts come back from the spans, the (N, E) gates from the pairs, the coefficients
@@ -150,8 +156,10 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
         pair_t = pair_t.long()  # (P,)
         pair_e = torch.cat([pair_t.new_full((hi - lo,), e) for e, lo, hi in meta.spans] or [pair_t[:0]])  # (P,)
         if grad_y is None:
-            grad_y = x.new_zeros(n, weight.shape[0])  # (N, out)
-        grad_x = grad_y @ weight if need_x else None  # (N, in)
+            grad_y = x.new_zeros(n, lora_b.shape[1])  # (N, out)
+        grad_x = None
+        if need_x:  # the base's part (none without a weight: the caller's base module has its own) + ours below
+            grad_x = x.new_zeros(n, d_in) if weight is None else grad_y @ weight  # (N, in)
         # ∂L/∂x̃ accumulates into grad_x when the experts read x, else into its own tensor.
         need_x_in = need_x_drop if x_drop is not None else need_x
         grad_x_in = grad_x if x_drop is None else (x.new_zeros(n, d_in) if need_x_drop else None)  # (N, in)
@@ -199,7 +207,7 @@ class _SparseMoELoRAFunction(torch.autograd.Function):
 # dynamo recompile for almost every batch (benchmarks/compile_check.py).
 @torch.compiler.disable
 def sparse_moe_lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, router_weight: Tensor,
     spec: Any, gate_grad_power: float, scaling: float, x_drop: Tensor | None = None, noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``moe_lora_linear`` on the selected (token, expert) pairs only (a routing that selects experts).
@@ -210,8 +218,8 @@ def sparse_moe_lora_linear(
 
     Args:
         x: ``(N, in)`` input.
-        weight: ``(out, in)`` base weight.
-        bias: ``(out,)`` or None.
+        weight: ``(out, in)`` base weight, or None for the adapter term alone (the caller adds the base).
+        bias: ``(out,)`` or None (None when ``weight`` is None).
         lora_a: ``(E, r, in)``.
         lora_b: ``(E, out, r)``.
         router_weight: ``(E, in)``.

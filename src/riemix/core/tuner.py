@@ -4,24 +4,33 @@ Hugging Face model.
 ``add_moe_lora`` finds the targeted modules (``find_target_modules``), wraps each in a ``MoELoRALinear``
 (with E from ``MoELoRAConfig.experts_for_layer(layer_index(name))``) and freezes everything else;
 ``remove_moe_lora`` undoes it (the base layers back, PiSSA undone bit for bit, the ``requires_grad`` flags
-restored).  ``iter_moe_lora_layers`` walks the wrapped layers.  What an adapter saves is
-``riemix.core.state``; the per-step schedules are ``riemix.core.schedules``.
+restored).  ``iter_moe_lora_layers`` walks the wrapped layers.  A bitsandbytes-quantized model is wrapped
+the same way (its layers are called, not read: ``riemix.core.layer``), except with ``init="pissa"``.
+What an adapter saves is ``riemix.core.state``; the per-step schedules are ``riemix.core.schedules``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from riemix.core.config import MoELoRAConfig
 from riemix.core.init import pissa_original, pissa_residual, same_bits
-from riemix.core.layer import MoELoRALinear, is_linear_like, iter_moe_lora_layers
+from riemix.core.layer import (
+    MoELoRALinear,
+    guard_quantized_layers,
+    is_linear_like,
+    is_quantized_linear,
+    iter_moe_lora_layers,
+)
 from riemix.core.schedules import scale_warmup_factor
 
 __all__ = [
+    "ADAPTED_MODEL_HOOKS",
     "add_moe_lora",
     "find_target_modules",
     "iter_moe_lora_layers",
@@ -32,6 +41,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("riemix")
+
+#: Called in order with the model at the end of every ``add_moe_lora`` (so of every ``load_adapter`` too).
+#: The core tier imports no other tier; ``riemix/__init__.py`` registers
+#: ``riemix.integrations.protect_save_pretrained`` here: ``save_pretrained`` refuses on an adapted model.
+ADAPTED_MODEL_HOOKS: list[Callable[[nn.Module], object]] = []
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _ANY_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -113,13 +127,24 @@ def add_moe_lora(
         ``remove_moe_lora``).
 
     Raises:
-        ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer``.
+        ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer``; ``init="pissa"``
+            on quantized (bitsandbytes) targets, or a model whose 4-bit layers bitsandbytes has already
+            repacked for CPU inference (``guard_quantized_layers``).  Nothing is changed then.
     """
     targets = find_target_modules(model, config)
     counts = {
         name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name))
         for name in targets
     }
+    quantized = [name for name in targets if is_quantized_linear(model.get_submodule(name))]
+    if quantized and config.init == "pissa":
+        kind = type(model.get_submodule(quantized[0])).__name__
+        raise ValueError(
+            f"init='pissa' factors the base weights, but {len(quantized)} targeted module(s) are quantized "
+            f"(e.g. {quantized[0]!r}, a bitsandbytes {kind}): use another init (e.g. zero_b) or load the base "
+            "without quantization"
+        )
+    guard_quantized_layers(model)  # 4-bit layers keep passing gradients on CPU (checked before any change)
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
@@ -160,6 +185,8 @@ def add_moe_lora(
         )
     model.moe_lora_config = config
     model.moe_lora_requires_grad = requires_grad
+    for hook in ADAPTED_MODEL_HOOKS:
+        hook(model)
     return model
 
 

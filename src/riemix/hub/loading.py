@@ -21,6 +21,9 @@ yields ``tokenizer=None``.
 A ``"sequence_classification"`` model gets a freshly initialised task head unless the checkpoint
 has one; :data:`HEAD_NAMES` names its modules (training unfreezes them), and its missing weights
 are reported at INFO level rather than as a warning.
+
+``quantization="nf4" | "fp4" | "int8"`` loads the base through bitsandbytes and ``base_dtype="fp32" |
+"bf16"`` sets the dtype of its unquantized weights (:mod:`riemix.hub.quantize`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import functools
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +42,7 @@ import torch
 
 from riemix.hub.gguf_cache import ensure_gguf_cache
 from riemix.hub.probe import hub_offline_mode, hub_offline_reason
+from riemix.hub.quantize import bitsandbytes_config, check_quantization, keep_differentiable, load_dtype
 from riemix.hub.resolve import (
     BuiltinSpec,
     ModelLoadError,
@@ -217,7 +222,7 @@ def _finalize(
 
 
 def _load_from_hub(
-    source: ModelSource, task: str, num_labels: int | None, dtype: Any
+    source: ModelSource, task: str, num_labels: int | None, dtype: Any, **extra: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     offline = hub_offline_reason()
     local_only = offline is not None
@@ -232,6 +237,7 @@ def _load_from_hub(
                 dtype,
                 local_files_only=local_only,
                 adapter_kwargs={"local_files_only": local_only},
+                **extra,
             )
         except Exception as err:
             if offline is not None:
@@ -282,6 +288,23 @@ def _load_from_gguf(gguf_path: Path, dtype: Any = torch.float32) -> tuple[PreTra
     return model, tokenizer
 
 
+def _quantize_through_directory(
+    model: PreTrainedModel, label: str, location: str, task: str, dtype: Any, config: Any
+) -> PreTrainedModel:
+    """Quantize a dequantised GGUF model: save it to a temporary directory and load it from there with ``config``.
+
+    transformers quantizes while it reads a checkpoint, and a ``.gguf`` file already takes the call's
+    ``quantization_config`` slot (its own dequantisation), so the dense copy goes through a directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="riemix-quantize-", ignore_cleanup_errors=True) as tmp:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+        del model
+        quantized = _from_pretrained(label, tmp, task, None, dtype, quantization_config=config)
+    quantized.config._name_or_path = location  # as the dense load names it, not the deleted directory
+    return quantized
+
+
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantise a GGUF file and save it as a plain Hugging Face directory ``out`` (the cache builder)."""
     model, tokenizer = _load_from_gguf(gguf_path, dtype=torch.float32)
@@ -296,18 +319,19 @@ def _load_builtin_gguf(
     num_labels: int | None,
     dtype: Any,
     cache_dir: str | os.PathLike[str] | None,
+    **extra: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     cache_root = default_cache_dir(cache_dir)
     build = functools.partial(_convert_gguf, gguf_path)
     directory = ensure_gguf_cache(spec, gguf_path, cache_root, build)
     try:
-        model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype)
+        model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype, **extra)
         tokenizer = _load_tokenizer(str(directory))
     except Exception as err:
         # A cache that passed validation but cannot be read (e.g. a damaged file): rebuild once.
         logger.warning("cached copy of %s at %s is unreadable (%s); rebuilding it", spec.name, directory, err)
         directory = ensure_gguf_cache(spec, gguf_path, cache_root, build, rebuild=True)
-        model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype)
+        model = _from_pretrained(spec.name, str(directory), task, num_labels, dtype, **extra)
         tokenizer = _load_tokenizer(str(directory))
     return model, tokenizer
 
@@ -321,6 +345,8 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
+    quantization: str | None = None,
+    base_dtype: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a model and its tokenizer by built-in name, local path or hub id.
 
@@ -335,6 +361,11 @@ def load_model(
         dtype: Parameter dtype (a ``torch.dtype`` or a string such as ``"bfloat16"``).
         cache_dir: Cache root for converted built-in models; defaults to ``$RIEMIX_CACHE`` or
             ``~/.cache/riemix``.
+        quantization: ``"nf4"`` or ``"fp4"`` (4-bit ``Linear4bit`` layers) or ``"int8"`` (``Linear8bitLt``)
+            through bitsandbytes (``pip install riemix[quant]``), or None for full-precision weights. The
+            output embeddings and a classification head stay unquantized; see :mod:`riemix.hub.quantize`.
+        base_dtype: ``"fp32"`` or ``"bf16"``: the dtype of the unquantized weights and the 4-bit compute
+            dtype, in place of ``dtype``; None keeps ``dtype``.
 
     Returns:
         ``(model, tokenizer)``. The model is in eval mode. The tokenizer has a pad token (EOS when
@@ -343,13 +374,16 @@ def load_model(
         files, or a hub model whose tokenizer could not be loaded.
 
     Raises:
-        ValueError: For an unknown task, a ``num_labels`` that does not fit the task, or a task the
-            model cannot do (e.g. ``"causal_lm"`` with the ``minilm-l6`` encoder).
+        ValueError: For an unknown task, quantization or base dtype, a ``num_labels`` that does not fit the
+            task, or a task the model cannot do (e.g. ``"causal_lm"`` with the ``minilm-l6`` encoder).
         ModelLoadError: If the name cannot be resolved (missing built-in package, unreachable or
-            offline hub, unknown repository) or the weights cannot be loaded.
+            offline hub, unknown repository), the weights cannot be loaded, or ``quantization`` is given
+            without bitsandbytes installed.
     """
     if task not in MODEL_KINDS:
         raise ValueError(f"unknown task {task!r}; expected one of {MODEL_KINDS}")
+    check_quantization(quantization, base_dtype)
+    dtype = load_dtype(base_dtype, dtype)
     if num_labels is not None:
         if task != "sequence_classification":
             raise ValueError("num_labels only applies to task='sequence_classification'")
@@ -365,23 +399,31 @@ def load_model(
 
     source = resolve_model_source(name_or_path)
     label = source.builtin or source.name
+    extra: dict[str, Any] = {}
+    if quantization is not None:  # the head trains: it stays unquantized (and so do transformers' defaults)
+        skip = list(HEAD_NAMES) if task == "sequence_classification" else None
+        extra["quantization_config"] = bitsandbytes_config(quantization, dtype, skip)
 
     if source.kind == "hub":
-        model, tokenizer = _load_from_hub(source, task, num_labels, dtype)
-        return _finalize(model, tokenizer)
+        model, tokenizer = _load_from_hub(source, task, num_labels, dtype, **extra)
+        return _finalize(_quantized(model, label, quantization), tokenizer)
 
     try:
         if source.kind == "builtin_gguf":
             model, tokenizer = _load_builtin_gguf(
-                builtin_spec(source.builtin), Path(source.location), task, num_labels, dtype, cache_dir
+                builtin_spec(source.builtin), Path(source.location), task, num_labels, dtype, cache_dir, **extra
             )
         elif source.kind == "local_gguf":
             if task != "causal_lm":
                 raise ValueError("a .gguf file can only be loaded with task='causal_lm'")
             model, tokenizer = _load_from_gguf(Path(source.location), dtype=dtype)
+            if extra:
+                model = _quantize_through_directory(
+                    model, label, str(Path(source.location).parent), task, dtype, extra["quantization_config"]
+                )
         else:  # builtin_dir / local_dir
             directory = Path(source.location)
-            model = _from_pretrained(label, str(directory), task, num_labels, dtype)
+            model = _from_pretrained(label, str(directory), task, num_labels, dtype, **extra)
             if _has_tokenizer_files(directory):
                 tokenizer = _load_tokenizer(str(directory))
             else:
@@ -394,4 +436,12 @@ def load_model(
             f"could not load '{source.name}' ({source.kind} at {source.location}) for task={task!r}: "
             f"{type(err).__name__}: {err}"
         ) from err
-    return _finalize(model, tokenizer)
+    return _finalize(_quantized(model, label, quantization), tokenizer)
+
+
+def _quantized(model: PreTrainedModel, label: str, quantization: str | None) -> PreTrainedModel:
+    """A freshly quantized model with bitsandbytes' CPU repacking turned off (it would cut its gradients)."""
+    if quantization is not None:
+        count = keep_differentiable(model)
+        logger.info("%s: quantized to %s by bitsandbytes (%d 4-bit layers)", label, quantization, count)
+    return model

@@ -22,7 +22,7 @@ from torch import nn
 
 from riemix.core.init import pissa_original
 
-__all__ = ["check_base_weights", "layer_weight_digest", "weight_digest"]
+__all__ = ["check_base_weights", "layer_weight_digest", "pin_weight_digests", "weight_digest"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -41,6 +41,9 @@ def layer_weight_digest(layer) -> tuple[str, str]:
     For ``init="pissa"`` the base holds the residual; the original W is rebuilt exactly from the factors
     and the kept rounding fixes first.
     """
+    pinned = getattr(layer, "base_weight_digest", None)  # fixed before the base was sharded (FSDP2)
+    if pinned is not None:
+        return pinned
     stored = layer.base_layer.weight
     key = (stored.data_ptr(), stored._version)
     cached = getattr(layer, "_weight_digest_cache", None)
@@ -56,6 +59,15 @@ def layer_weight_digest(layer) -> tuple[str, str]:
     result = (weight_digest(weight), str(weight.dtype).removeprefix("torch."))
     layer._weight_digest_cache = (key, result)
     return result
+
+
+def pin_weight_digests(model: nn.Module) -> None:
+    """Compute every adapted layer's base-weight digest now and keep it fixed (before the base weights are
+    sharded across processes, when no process holds them whole any more)."""
+    from riemix.core.layer import iter_moe_lora_layers
+
+    for _, layer in iter_moe_lora_layers(model):
+        layer.base_weight_digest = layer_weight_digest(layer)
 
 
 def check_base_weights(model: nn.Module, modules: dict[str, Any], where: Path, force: bool = False) -> None:

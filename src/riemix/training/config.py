@@ -21,6 +21,7 @@ from typing import Any
 
 from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig, allowed_types, check_field_types
 from riemix.core.regularizers import REGULARIZERS
+from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
 
@@ -72,6 +73,10 @@ class TrainConfig:
         model: Base model: a built-in name (e.g. ``smollm2-135m``), a local Hugging Face directory or a hub id.
         model_kind: ``causal_lm`` (label words / multiple choice / SFT as text) or ``sequence_classification``
             (an encoder with a classification head).
+        quantization: Load the base model quantized by bitsandbytes (``pip install riemix[quant]``): ``nf4`` or
+            ``fp4`` (4-bit) or ``int8``; null: full precision. The adapters stay in fp32.
+        base_dtype: Dtype of the base model's unquantized weights (and 4-bit compute dtype): ``fp32`` or ``bf16``;
+            null: fp32.
         dataset: Training dataset(s): a built-in name (e.g. ``glue/sst2``) or a .jsonl/.tsv file; a list trains
             on their union.
         eval_dataset: Evaluation dataset(s), one per training dataset; null evaluates the training datasets.
@@ -96,7 +101,8 @@ class TrainConfig:
         weight_decay: Weight decay of every parameter group (>= 0).
         loraplus_ratio: LoRA+ multiplier of the B learning rate (> 0; 1: plain).
         gate_max_grad_norm: Gradient-norm clip of the routers (> 0); null: no clipping.
-        batch_size: Examples per micro-batch (int >= 1).
+        batch_size: Examples per micro-batch and process (int >= 1): the global batch of a step is
+            ``batch_size`` × processes × ``grad_accum``.
         grad_accum: Micro-batches accumulated per optimizer step (int >= 1).
         max_steps: Number of optimizer steps (int >= 1; ``riemix eval`` scores a model without training).
         warmup_steps: Steps of linear learning-rate warm-up from 0 (int >= 0).
@@ -126,6 +132,8 @@ class TrainConfig:
         overwrite: Delete the run already in ``output_dir`` and start a new one.
         divergence_loss_ratio: Stop (exit 3) when the smoothed training loss rises above this many times its
             best value and by more than 1 nat (> 1; null: only non-finite loss, gradients or weights stop).
+        fsdp: Shard the frozen base model across the processes with FSDP2 (``torchrun``, several processes);
+            the adapters stay whole on every process (``riemix.training.sharding``).
         bf16: Train and evaluate under bfloat16 autocast.
         gradient_checkpointing: Recompute activations in the backward pass (less memory, more time).
         cpu: Train on the CPU even where an accelerator is available.
@@ -138,6 +146,8 @@ class TrainConfig:
     # model and data
     model: str = "smollm2-135m"
     model_kind: str = "causal_lm"
+    quantization: str | None = None
+    base_dtype: str | None = None
     dataset: str | list[str] = "glue/sst2"
     eval_dataset: str | list[str] | None = None
     data_dir: str | None = None
@@ -188,6 +198,7 @@ class TrainConfig:
     resume: bool | str = False
     overwrite: bool = False
     divergence_loss_ratio: float | None = 3.0
+    fsdp: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
     cpu: bool = False
@@ -210,6 +221,9 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), one_of(allowed))
+        for name, allowed in (("quantization", QUANTIZATIONS), ("base_dtype", BASE_DTYPES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), f"{', '.join(map(repr, allowed))} or null")
         for name in _POSITIVE_INTS:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, getattr(self, name), "an int >= 1")
@@ -232,6 +246,11 @@ class TrainConfig:
             bad("gate_max_grad_norm", self.gate_max_grad_norm, "> 0 or null")
         if self.divergence_loss_ratio is not None and not 1 < self.divergence_loss_ratio < float("inf"):
             bad("divergence_loss_ratio", self.divergence_loss_ratio, "a finite number > 1 or null")
+        if self.fsdp and self.quantization is not None:
+            raise ValueError(
+                f"fsdp and quantization={self.quantization!r} exclude each other: FSDP2 cannot shard bitsandbytes' "
+                "packed weights (a quantized base is small already: use data parallel without fsdp)"
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
         if self.max_length < MIN_MAX_LENGTH:

@@ -20,6 +20,7 @@ boundary after a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,13 +43,16 @@ from riemix.io.checkpoint import (
     save_checkpoint,
 )
 from riemix.io.fileio import atomic_write_json, atomic_write_text
+from riemix.io.fingerprint import pin_weight_digests
 from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, check_label_words, fit_max_length
 from riemix.training.config import TrainConfig
 from riemix.training.data import batch_at, collate, encode_items, load_datasets, seed_everything
+from riemix.training.distributed import all_sum, rank_and_world, rss_per_process
 from riemix.training.guard import DivergenceGuard, StopSignals, TrainingInterrupted
 from riemix.training.logging import MetricsLogger, console, format_metrics, format_table
 from riemix.training.rundir import RunDir, open_run, truncate_metrics
+from riemix.training.sharding import average_gradients, shard_base
 from riemix.training.state import StepResult, TrainState
 
 __all__ = [
@@ -68,7 +72,13 @@ def prepare(cfg: TrainConfig, model=None, tokenizer=None):
     train_sets, eval_sets = load_datasets(cfg)
     kind = cfg.model_kind
     if model is None:
-        model, tokenizer = load_model(cfg.model, task=kind, num_labels=num_labels_for(train_sets[0], kind))
+        model, tokenizer = load_model(
+            cfg.model,
+            task=kind,
+            num_labels=num_labels_for(train_sets[0], kind),
+            quantization=cfg.quantization,
+            base_dtype=cfg.base_dtype,
+        )
     if tokenizer is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer; riemix needs one to encode text")
     over = {
@@ -120,7 +130,10 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, run: RunDir | None = Non
     run = open_run(cfg, console(cfg.verbose)) if run is None else run  # before the (slow) model load
     seed_everything(cfg.seed)  # first: the adapter initialisation below draws from these generators
     AcceleratorState._reset_state()  # a library call may follow another with other precision settings
-    accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cfg.cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch started several
+    # Accelerate sets up several CPU processes (gloo) only when told the run is on the CPU
+    cpu = cfg.cpu or (launched and not torch.cuda.is_available())
+    accel = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cpu)
     # model + adapters, then the training items
     ctx = prepare(cfg, model, tokenizer)
     model = ctx["model"]
@@ -142,7 +155,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, run: RunDir | None = Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)
     )
-    task_model, prepared_optimizer = accel.prepare(TaskModel(model, cfg.model_kind), optimizer)
+    if cfg.fsdp:  # the base sharded by FSDP2, the adapters whole on every process (riemix.training.sharding)
+        pin_weight_digests(model)  # adapter files record the whole base weights, computed before sharding
+        task_model, prepared_optimizer = TaskModel(model, cfg.model_kind).to(accel.device), optimizer
+        shard_base(task_model, accel.device)  # the root: its forward gathers the embeddings and the head
+    else:  # one process, or DDP (Accelerate)
+        task_model, prepared_optimizer = accel.prepare(TaskModel(model, cfg.model_kind), optimizer)
     # layers record their routing when router regularisers or diagnostics read it
     monitor = RoutingMonitor() if cfg.diagnostics_every else None
     if uses_router_regularizers(cfg.regularizer_coefs()) or monitor is not None:
@@ -166,7 +184,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None, run: RunDir | None = Non
         guard=DivergenceGuard(cfg.divergence_loss_ratio, _divergence_advice(cfg)),
     )
     _resume_or_start(state)
-    state.extra["run_id"] = run.run_id
+    state.extra["run_id"], state.extra["world_size"] = run.run_id, accel.num_processes
+    world = accel.num_processes
+    state.log(
+        f"global batch: {cfg.batch_size} per process × {world} process(es) × {cfg.grad_accum} accumulation = "
+        f"{cfg.batch_size * world * cfg.grad_accum} examples per step"
+    )
     tensorboard = state.out / "tensorboard" if cfg.tensorboard else None
     state.metrics = MetricsLogger(state.out / "metrics.jsonl", state.is_main, tensorboard)
     return state
@@ -198,6 +221,12 @@ def _resume_or_start(state: TrainState) -> None:
         saved_id = read_checkpoint(ckpt)["run_id"]
         if None not in (saved_id, run.run_id) and saved_id != run.run_id:
             raise ValueError(f"--resume {ckpt}: written by run {saved_id}, not by the run in {out} ({run.run_id})")
+    world, saved_world = state.accel.num_processes, read_checkpoint(ckpt)["extra"].get("world_size", 1)
+    if saved_world != world:  # the batch order and each process's shard depend on it
+        raise ValueError(
+            f"--resume {ckpt}: written by a run of {saved_world} process(es), this one has {world}; resume with "
+            f"{saved_world} (the data order and the per-process batches depend on it)"
+        )
     loaded = load_checkpoint(ckpt, state.model, state.optimizer, state.scheduler)
     state.start_step, state.extra = loaded["step"], loaded["extra"]
     if state.is_main:
@@ -211,19 +240,31 @@ def _resume_or_start(state: TrainState) -> None:
 def train_step(state: TrainState, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, then update, schedule, progress.
 
+    The loss is the mean over every target token (encoders: example) of the step's global batch: all
+    micro-batches of all processes.  Each micro-batch back-propagates its summed loss × (processes / global
+    target count), and DDP averages over the processes, so N processes compute what one process computes
+    on the same global batch (``riemix.training.distributed``).
+
     Raises:
         TrainingDiverged: a non-finite loss, gradient or updated weight, or a runaway loss
             (``state.guard``); raised before the update when the loss or a gradient is bad.
     """
-    cfg = state.cfg
+    cfg, world = state.cfg, state.accel.num_processes
+    batches = [_micro_batch(state, step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+    local = [float(sum(TaskModel.num_targets(b) for b in batches))]
+    (targets,) = all_sum(local, state.accel.device)  # the global batch's loss terms
+    weight = world / max(targets, 1.0)
     loss_sum, aux_logs = 0.0, {}
-    for micro in range(cfg.grad_accum):
-        batch = _micro_batch(state, step * cfg.grad_accum + micro)
+    for micro, batch in enumerate(batches):
         last = micro == cfg.grad_accum - 1  # gradients are synchronised across processes on the last one
         with state.accel.no_sync(state.task_model) if not last else contextlib.nullcontext():
-            loss, aux_logs = _forward_backward(state, batch)
-        loss_sum += loss.item() / cfg.grad_accum
-    state.guard.check_loss(loss_sum, step + 1)
+            summed, aux_logs = _forward_backward(state, batch, weight)
+        loss_sum += summed.item()
+    if cfg.fsdp:  # the replicated adapters' gradients (DDP does this for the unsharded model)
+        average_gradients([p for _, p in state.trainable])
+    (loss_sum,) = all_sum([loss_sum], state.accel.device)
+    loss = loss_sum / max(targets, 1.0)
+    state.guard.check_loss(loss, step + 1)
     state.guard.check_gradients(state.trainable, step + 1)
     grad_norms = None
     if _diagnostics_due(state, step + 1):  # before the step: the optimizer may clear or reuse .grad
@@ -233,13 +274,15 @@ def train_step(state: TrainState, step: int) -> StepResult:
     state.prepared_optimizer.zero_grad(set_to_none=True)
     state.guard.check_weights(state.trainable, step + 1)
     set_training_progress(state.model, step + 1, cfg.max_steps)  # scale warm-up / temperature: f(step)
-    return StepResult(loss_sum, aux_logs, grad_norms)
+    return StepResult(loss, aux_logs, grad_norms)
 
 
 def _micro_batch(state: TrainState, index: int) -> dict[str, torch.Tensor]:
-    """Global micro-batch ``index``, this process's shard, collated on the device; counts its tokens."""
+    """Global micro-batch ``index`` (``batch_size`` items per process), this process's shard, collated on
+    the device; counts its tokens."""
     cfg, accel = state.cfg, state.accel
-    chunk = batch_at(state.items, index, cfg.batch_size, cfg.seed, accel.process_index, accel.num_processes)
+    world = accel.num_processes
+    chunk = batch_at(state.items, index, cfg.batch_size * world, cfg.seed, accel.process_index, world)
     batch = collate(chunk, state.tokenizer, cfg.model_kind, state.specs[0].max_length)  # the specs share it
     batch = {k: v.to(accel.device) for k, v in batch.items()}
     state.tokens_seen += int(batch["attention_mask"].sum())
@@ -247,20 +290,21 @@ def _micro_batch(state: TrainState, index: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _forward_backward(state: TrainState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Task loss (+ regularisers, + scale anchor) of one micro-batch, backward of its share of the step."""
+def _forward_backward(state: TrainState, batch: dict[str, torch.Tensor], weight: float) -> tuple[torch.Tensor, dict]:
+    """Summed task loss of one micro-batch; backward of ``weight`` × it (+ its share of the regularisers
+    and scale anchor). Returns the summed loss (detached use only) and the regulariser logs."""
     cfg, model = state.cfg, state.model
-    loss = state.task_model(batch)
+    summed = state.task_model(batch, mode="loss_sum")
     if state.monitor is not None:
         state.monitor.update_model(iter_moe_lora_layers(model), batch["attention_mask"])
     # regularisers: a loss to add ("loss" mode), or their gradients already injected into .grad (None)
     mask = batch["attention_mask"]
     aux, aux_logs = apply_regularizers(model, cfg.regularizer_coefs(), cfg.regularizer_mode, mask, cfg.grad_accum)
-    total = loss if aux is None else loss + aux
     anchor = scale_anchor_loss(model)  # adapter.scale_anchor_beta > 0 with expert scales
-    total = total if anchor is None else total + anchor
-    state.accel.backward(total / cfg.grad_accum)
-    return loss, aux_logs
+    extra = [t for t in (aux, anchor) if t is not None]
+    total = summed * weight + (sum(extra) / cfg.grad_accum if extra else 0.0)
+    state.accel.backward(total)
+    return summed, aux_logs
 
 
 def _every(period: int, step: int) -> bool:
@@ -274,30 +318,45 @@ def _diagnostics_due(state: TrainState, done: int) -> bool:
 
 # ---------------------------------------------------------------- evaluate, report, save
 def evaluate(state: TrainState) -> dict[str, float]:
-    """Metrics of every evaluation dataset (keys prefixed ``<dataset>/`` when there are several)."""
+    """Metrics of every evaluation dataset (keys prefixed ``<dataset>/`` when there are several).
+
+    With several processes each scores every N-th example and the predictions are gathered back in dataset
+    order, so the metrics equal a single process's.
+    """
     t_eval = time.time()
     metrics: dict[str, float] = {}
     autocast = torch.bfloat16 if state.cfg.bf16 else None
     for ds, spec in zip(state.eval_sets, state.specs, strict=True):
         label = (state.is_main and state.cfg.progress) and f"eval {ds.name}"  # a bar of examples scored
         res = evaluate_dataset(
-            state.task_model, ds, spec, state.tokenizer, state.cfg.eval_batch_size, state.accel.device, autocast, label
-        )
+            state.task_model, ds, spec, state.tokenizer, state.cfg.eval_batch_size, state.accel.device, autocast,
+            label, shard=rank_and_world(),
+        )  # fmt: skip
         prefix = "" if len(state.eval_sets) == 1 else f"{ds.name}/"
         metrics.update({f"{prefix}{k}": v for k, v in res.items()})
     state.eval_time += time.time() - t_eval
     return metrics
 
 
+def _throughput(state: TrainState) -> tuple[float | None, float | None]:
+    """``(tokens/s, padding fraction)`` of every process together (None before any step); collective."""
+    tokens, padded = all_sum([float(state.tokens_seen), float(state.padded_seen)], state.accel.device)
+    if tokens == 0:
+        return None, None
+    return tokens / max(state.train_time, 1e-9), 1.0 - tokens / max(padded, 1.0)
+
+
 def _log_step(state: TrainState, done: int, result: StepResult) -> None:
-    """The training-loss line of metrics.jsonl (every ``log_every`` steps and at the last step)."""
+    """The training-loss line of metrics.jsonl (every ``log_every`` steps and at the last step); the loss is
+    the global batch's and the throughput that of every process."""
+    tokens_per_s, pad_fraction = _throughput(state)
     state.metrics.record(
         {
             "step": done,
             "loss": result.loss,
             "lr": state.scheduler.get_last_lr()[0],
-            "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9),
-            "pad_fraction": 1.0 - state.tokens_seen / max(state.padded_seen, 1),
+            "tokens_per_s": tokens_per_s,
+            "pad_fraction": pad_fraction,
             **result.aux_logs,
         }
     )
@@ -348,7 +407,7 @@ def _progress_bar(state: TrainState):
 
 def _finish(state: TrainState, last_eval: dict[str, float], done: int, t_start: float) -> dict[str, Any]:
     """Write the final adapter and summary.json; print the before/after table. Returns the summary."""
-    trained = state.tokens_seen > 0  # no step in this process (a resume of a finished run): no throughput
+    tokens_per_s, pad_fraction = _throughput(state)  # None without a step (a resume of a finished run)
     summary = {
         "run_id": state.run.run_id,
         "before": state.extra["before"],
@@ -357,8 +416,10 @@ def _finish(state: TrainState, last_eval: dict[str, float], done: int, t_start: 
         "wall_seconds": time.time() - t_start,
         "train_seconds": state.train_time,
         "eval_seconds": state.eval_time,
-        "tokens_per_s": state.tokens_seen / max(state.train_time, 1e-9) if trained else None,
-        "pad_fraction": 1.0 - state.tokens_seen / max(state.padded_seen, 1) if trained else None,
+        "tokens_per_s": tokens_per_s,
+        "pad_fraction": pad_fraction,
+        "processes": state.accel.num_processes,
+        "rss_mib_per_process": rss_per_process(),
         "output_dir": str(state.out),
         "warnings": _result_warnings(state, last_eval),
     }
