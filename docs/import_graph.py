@@ -23,7 +23,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "io": (-0.8, 1), "tasks": (0.8, 1),
     "optim": (-1.9, 2.2), "hub": (0.3, 2),
     "diagnostics": (-0.5, 3), "evaluate": (1.2, 3), "ship": (-1.9, 3.6),
-    "training": (0, 4), "cli": (0, 5), "integrations": (-1.1, 5),
+    "training": (0, 4), "continual": (1.4, 4.2), "cli": (0, 5), "integrations": (-1.1, 5),
 }  # fmt: skip
 
 #: What each tier may import (besides itself); the graph must stay acyclic.
@@ -39,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"data", "hub", "io", "metrics", "tasks"},
     "diagnostics": {"core", "hub", "io"},
     "training": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "tasks"},
+    "continual": {"core", "data", "hub", "io", "tasks"},  # novelty detection and replay (dynamic experts)
     "ship": {"core", "hub", "io"},  # merge (core), load (hub) and write (io): export and generation
     "integrations": {"core", "diagnostics", "io", "optim"},  # transformers.Trainer / TRL: the recipe's step
     "cli": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "ship", "tasks", "training"},
