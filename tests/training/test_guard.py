@@ -119,18 +119,3 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_finishes_identically(tm
     steps = [x["step"] for x in read_metrics(out, "loss")]
     assert steps == sorted(set(steps))  # no step logged twice
 
-
-def test_a_result_worse_than_zero_shot_is_reported_not_silent():
-    from types import SimpleNamespace
-
-    from riemix.training.config import TrainConfig
-
-    state = SimpleNamespace(cfg=TrainConfig(lr=1e6), extra={"before": {"accuracy": 0.79, "loss": 0.5}})
-    (warning,) = recipe._result_warnings(state, {"accuracy": 0.51, "loss": 9.0})
-    assert warning.startswith("accuracy after training (0.5100) is worse than zero-shot (0.7900): check the learning")
-    assert "lr=1e+06" in warning
-    assert recipe._result_warnings(state, {"accuracy": 0.80}) == []
-    state.cfg = TrainConfig(early_stopping_metric="loss")
-    assert "loss after training (9.0000) is worse" in recipe._result_warnings(state, {"loss": 9.0})[0]
-    state.extra["before"] = None  # no zero-shot evaluation: nothing to compare
-    assert recipe._result_warnings(state, {"loss": 9.0}) == []

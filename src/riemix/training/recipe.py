@@ -31,7 +31,7 @@ import torch
 from riemix.core.regularizers import apply_regularizers, scale_anchor_loss, uses_router_regularizers
 from riemix.core.schedules import linear_schedule, set_training_progress
 from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers, set_record_routing
-from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, compact_diagnostics, model_grad_norms
+from riemix.diagnostics.monitor import RoutingMonitor, model_grad_norms
 from riemix.evaluate import evaluate as evaluate_dataset
 from riemix.hub.loading import HEAD_NAMES, load_model, num_labels_for
 from riemix.io.adapter import save_adapter
@@ -42,15 +42,16 @@ from riemix.io.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from riemix.io.fileio import atomic_write_json, atomic_write_text
+from riemix.io.fileio import atomic_write_text
 from riemix.io.fingerprint import pin_weight_digests
 from riemix.optim import build_optimizer
 from riemix.tasks import TaskModel, TaskSpec, check_label_words, fit_max_length
 from riemix.training.config import TrainConfig
 from riemix.training.data import batch_at, collate, encode_items, load_datasets, seed_everything
-from riemix.training.distributed import all_sum, rank_and_world, rss_per_process
+from riemix.training.distributed import all_sum, rank_and_world
 from riemix.training.guard import DivergenceGuard, StopSignals, TrainingInterrupted
-from riemix.training.logging import MetricsLogger, console, format_metrics, format_table
+from riemix.training.logging import MetricsLogger, console, format_metrics
+from riemix.training.report import log_diagnostics, log_step, write_summary
 from riemix.training.rundir import RunDir, open_run, truncate_metrics
 from riemix.training.sharding import average_gradients, shard_base
 from riemix.training.state import StepResult, TrainState
@@ -338,39 +339,6 @@ def evaluate(state: TrainState) -> dict[str, float]:
     return metrics
 
 
-def _throughput(state: TrainState) -> tuple[float | None, float | None]:
-    """``(tokens/s, padding fraction)`` of every process together (None before any step); collective."""
-    tokens, padded = all_sum([float(state.tokens_seen), float(state.padded_seen)], state.accel.device)
-    if tokens == 0:
-        return None, None
-    return tokens / max(state.train_time, 1e-9), 1.0 - tokens / max(padded, 1.0)
-
-
-def _log_step(state: TrainState, done: int, result: StepResult) -> None:
-    """The training-loss line of metrics.jsonl (every ``log_every`` steps and at the last step); the loss is
-    the global batch's and the throughput that of every process."""
-    tokens_per_s, pad_fraction = _throughput(state)
-    state.metrics.record(
-        {
-            "step": done,
-            "loss": result.loss,
-            "lr": state.scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens_per_s,
-            "pad_fraction": pad_fraction,
-            **result.aux_logs,
-        }
-    )
-
-
-def _log_diagnostics(state: TrainState, done: int, grad_norms: dict | None) -> None:
-    """Close a diagnostics window: its compact summary in metrics.jsonl, the full one in diagnostics.json."""
-    diag = collect_diagnostics(iter_moe_lora_layers(state.model), state.monitor, grad_norms, done)
-    state.monitor.reset()
-    state.metrics.record({"step": done, "diagnostics": compact_diagnostics(diag)})
-    if state.is_main:
-        atomic_write_json(state.out / "diagnostics.json", diag)
-
-
 def _early_stop(state: TrainState, metrics: dict[str, float]) -> bool:
     """Track the best ``early_stopping_metric``; True after ``early_stopping_patience`` evaluations without
     improvement (``loss`` is minimised, anything else maximised)."""
@@ -403,52 +371,6 @@ def _progress_bar(state: TrainState):
     from tqdm.auto import tqdm
 
     return tqdm(total=state.cfg.max_steps, initial=state.start_step, desc="train", dynamic_ncols=True)
-
-
-def _finish(state: TrainState, last_eval: dict[str, float], done: int, t_start: float) -> dict[str, Any]:
-    """Write the final adapter and summary.json; print the before/after table. Returns the summary."""
-    tokens_per_s, pad_fraction = _throughput(state)  # None without a step (a resume of a finished run)
-    summary = {
-        "run_id": state.run.run_id,
-        "before": state.extra["before"],
-        "after": last_eval,
-        "steps": done,
-        "wall_seconds": time.time() - t_start,
-        "train_seconds": state.train_time,
-        "eval_seconds": state.eval_time,
-        "tokens_per_s": tokens_per_s,
-        "pad_fraction": pad_fraction,
-        "processes": state.accel.num_processes,
-        "rss_mib_per_process": rss_per_process(),
-        "output_dir": str(state.out),
-        "warnings": _result_warnings(state, last_eval),
-    }
-    if state.is_main:
-        save_adapter(state.model, state.out / "adapter", extra={"train_config": state.cfg.to_dict()})
-        atomic_write_json(state.out / "summary.json", summary)
-        if state.extra["before"] is not None:
-            state.log("\n" + format_table(state.extra["before"], last_eval))
-        for warning in summary["warnings"]:
-            state.log(f"warning: {warning}")
-        state.log(
-            f"wall time {summary['wall_seconds']:.0f} s (training {state.train_time:.0f} s, evaluation "
-            f"{state.eval_time:.0f} s); run directory {state.out}"
-        )
-    return summary
-
-
-def _result_warnings(state: TrainState, after: dict[str, float]) -> list[str]:
-    """What a user should not miss: the watched metric ending worse than zero-shot."""
-    before, name = state.extra["before"], state.cfg.early_stopping_metric
-    if not before or name not in before or name not in after:
-        return []
-    worse = after[name] > before[name] if name == "loss" else after[name] < before[name]
-    if not worse:
-        return []
-    return [
-        f"{name} after training ({after[name]:.4f}) is worse than zero-shot ({before[name]:.4f}): check the "
-        f"learning rate (lr={state.cfg.lr:g}) and data before using this adapter"
-    ]
 
 
 # ---------------------------------------------------------------- the loop
@@ -498,9 +420,9 @@ def _train_loop(state: TrainState, signals: StopSignals, t_start: float) -> dict
             lr = state.scheduler.get_last_lr()[0]
             pbar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if _every(cfg.log_every, done) or done == cfg.max_steps:
-            _log_step(state, done, result)
+            log_step(state, done, result)
         if _diagnostics_due(state, done):
-            _log_diagnostics(state, done, result.grad_norms)
+            log_diagnostics(state, done, result.grad_norms)
         if _every(cfg.eval_every, done) or done == cfg.max_steps:
             last_eval = evaluate(state)
             state.metrics.record({"step": done, "eval": last_eval})
@@ -520,7 +442,9 @@ def _train_loop(state: TrainState, signals: StopSignals, t_start: float) -> dict
         pbar.close()
     if last_eval is None:  # no step was taken (max_steps reached already)
         last_eval = evaluate(state)
-    return _finish(state, last_eval, done, t_start)
+    if state.is_main:  # the final adapter, then the summary
+        save_adapter(state.model, state.out / "adapter", extra={"train_config": state.cfg.to_dict()})
+    return write_summary(state, last_eval, done, t_start)
 
 
 def _stop_if_signalled(state: TrainState, signals: StopSignals, done: int, pbar, saved: bool) -> None:
