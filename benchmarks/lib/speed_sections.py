@@ -331,6 +331,28 @@ def gpu_sections() -> list[str]:
     return lines
 
 
+def distributed_section(rec: dict) -> list[str]:
+    """Several processes on the CPU: one process, DDP and FSDP2 (``benchmarks/distributed.py``)."""
+    rows, base = rec["rows"], rec["rows"]["1proc_2threads"]["tokens_per_s"]
+    names = {"1proc_2threads": "1 process, 2 threads", "ddp_2x1thread": "DDP, 2 processes x 1 thread",
+             "fsdp_2x1thread": "FSDP2, 2 processes x 1 thread"}  # fmt: skip
+    lines = [
+        "## Several processes (CPU, gloo): SmolLM2-135M, SST-2",
+        "",
+        f"`benchmarks/distributed.py`, {rec['steps']} steps, global batch 8 ({rec['date'][:10]}); see "
+        "docs/distributed.md for what each configuration shards.",
+        "",
+        "| configuration | tokens/s | vs 1 process | peak RSS per process (MiB) | RSS at the end (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        rss = row["rss_mib_per_process"]
+        peak, now = (", ".join(f"{x:.0f}" for x in rss[k]) for k in ("peak", "now"))
+        speed = f"{row['tokens_per_s']:.0f} | {row['tokens_per_s'] / base:.2f}x"
+        lines.append(f"| {names.get(key, key)} | {speed} | {peak} | {now} |")
+    return [*lines, ""]
+
+
 def _memory(dtype: str):
     return lambda rec: memory_section(rec, _before(f"layer_memory_{dtype}.json"))
 
@@ -347,6 +369,7 @@ SECTIONS = (
     ("optimizer_speed.json", optimizer_section),
     ("e2e_throughput.json", e2e_section),
     ("compile_check.json", compile_section),
+    ("distributed.json", distributed_section),
 )
 
 

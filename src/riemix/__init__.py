@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from riemix.core.config import MoELoRAConfig
+from riemix.core.freezing import freeze_experts, unfreeze_experts
 from riemix.core.functional import moe_lora_linear
 from riemix.core.layer import MoELoRALinear
 from riemix.core.merge import merge_adapter
@@ -18,7 +19,7 @@ from riemix.core.summary import trainable_parameters
 from riemix.core.tuner import ADAPTED_MODEL_HOOKS, add_moe_lora, iter_moe_lora_layers, remove_moe_lora
 from riemix.integrations.save import protect_save_pretrained
 from riemix.io.adapter import AdapterError, load_adapter, save_adapter
-from riemix.optim import RiemannianAdamW, RiemannianSGD, build_optimizer
+from riemix.optim import RiemannianAdamW, RiemannianSGD, build_optimizer, grow_experts
 
 if TYPE_CHECKING:
     from riemix.hub.loading import load_model
@@ -42,6 +43,8 @@ __all__ = [
     "add_moe_lora",
     "build_optimizer",
     "export_model",
+    "grow_experts",
+    "freeze_experts",
     "iter_moe_lora_layers",
     "load_adapter",
     "load_model",
@@ -51,6 +54,7 @@ __all__ = [
     "riemix_optimizer",
     "save_adapter",
     "trainable_parameters",
+    "unfreeze_experts",
 ]
 
 

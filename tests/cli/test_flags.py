@@ -92,7 +92,7 @@ def test_train_has_a_flag_for_every_config_field():
 
 def test_help_line_default_and_choices_come_from_the_config():
     opts = options(subparsers()["train"])
-    rank_doc = flags.docstring_entries(MoELoRAConfig.__doc__, "Attributes")["rank"]
+    rank_doc = flags.docstring_entries(MoELoRAConfig.__doc__, "Attributes")["rank"].replace("``", "")
     assert opts["--rank"].help == f"{rank_doc} (default: 4)"
     assert opts["--target-modules"].help.endswith("(default: q_proj k_proj v_proj o_proj)")
     assert opts["--lr"].help.endswith("(default: 0.001)")
@@ -140,6 +140,8 @@ def test_per_layer_expert_lists_and_regex_targets_from_the_command_line():
 
     assert adapter("--experts", "4") == {"num_experts": 4}
     assert adapter("--experts", "2", "4", "8") == {"num_experts": [2, 4, 8]}
+    assert adapter("--rank", "2", "4", "8") == {"rank": [2, 4, 8]}  # a rank per layer
+    assert MoELoRAConfig(**adapter("--rank", "2", "4", "8")).rank_for_layer(1) == 4
     assert MoELoRAConfig(**adapter("--experts", "2", "4", "8", "--top-k", "2")).experts_for_layer(2) == 8
     assert adapter("--target-modules", "q_proj", r"re:.*\.v_proj") == {"target_modules": ["q_proj", r"re:.*\.v_proj"]}
     with pytest.raises(SystemExit):

@@ -23,7 +23,16 @@ from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TO
         ({"num_experts": [8, 2], "top_k": 3}, r"top_k must be in 1..num_experts \(2\), got 3"),
         ({"top_k": 0}, r"top_k must be an int >= 1, got 0"),
         ({"rank": 0}, r"rank must be an int >= 1, got 0"),
-        ({"rank": 2.5}, r"rank must be an int, got 2.5"),
+        ({"rank": 2.5}, r"rank must be an int, list or callable, got 2.5"),
+        ({"rank": True}, r"rank must be an int, list or callable, got True"),
+        ({"rank": [2, 0]}, r"rank\[1\] must be an int >= 1, got 0"),
+        ({"rank": [2, 2.5]}, r"rank: per-layer values must be ints, got 2.5"),
+        ({"rank": []}, r"rank: the per-layer list is empty"),
+        ({"mature_after_steps": -1}, r"mature_after_steps must be an int >= 0, got -1"),
+        ({"mature_after_steps": 1.5}, r"mature_after_steps must be an int, got 1.5"),
+        ({"maturity_anneal_steps": -2}, r"maturity_anneal_steps must be an int >= 0, got -2"),
+        ({"maturity_temperature": 0.0}, r"maturity_temperature must be > 0 or None, got 0.0"),
+        ({"mature_after_steps": 5, "init": "pissa"}, r"mature_after_steps must be 0 with init='pissa'"),
         ({"alpha": 0.0}, r"alpha must be > 0, got 0.0"),
         ({"alpha": -1}, r"alpha must be > 0, got -1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
@@ -167,6 +176,7 @@ FLOAT_FIELDS = [
     "router_noise_std",
     "top_p",
     "scale_anchor_beta",
+    "maturity_temperature",
 ]
 
 
@@ -194,3 +204,29 @@ def test_every_float_field_is_checked_for_finiteness():
 def test_strings_in_float_fields_are_refused_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoELoRAConfig(**kwargs)
+
+
+def test_rank_per_layer_list_and_callable():
+    cfg = MoELoRAConfig(rank=[2, 4, 8])
+    assert [cfg.rank_for_layer(i) for i in range(3)] == [2, 4, 8]
+    assert cfg.rank_for_layer(None) == 2
+    with pytest.raises(ValueError, match="rank has 3 entries but the model has a layer 3"):
+        cfg.rank_for_layer(3)
+    cfg = MoELoRAConfig(rank=lambda i: 2 + i)
+    assert cfg.rank_for_layer(4) == 6
+    with pytest.raises(ValueError, match=r"rank\(1\) must be an int >= 1, got 0"):
+        MoELoRAConfig(rank=lambda i: 1 - i).rank_for_layer(1)
+    with pytest.raises(ValueError, match=r"scaling: rank is per layer \(\[2, 4\]\)"):
+        _ = MoELoRAConfig(rank=[2, 4]).scaling
+    assert MoELoRAConfig(rank=3).rank_for_layer(7) == 3
+
+
+def test_to_dict_writes_callable_rank_as_none_and_maturity_only_when_set():
+    plain = MoELoRAConfig().to_dict()
+    assert not {"mature_after_steps", "maturity_temperature", "maturity_anneal_steps"} & set(plain)
+    assert MoELoRAConfig(rank=lambda i: 2).to_dict()["rank"] is None
+    cfg = MoELoRAConfig(mature_after_steps=10, maturity_temperature=2.0, rank=[2, 3])
+    data = cfg.to_dict()
+    assert (data["mature_after_steps"], data["maturity_temperature"], data["rank"]) == (10, 2.0, [2, 3])
+    assert "maturity_anneal_steps" not in data
+    assert MoELoRAConfig.from_dict(data) == cfg

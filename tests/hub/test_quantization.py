@@ -9,6 +9,7 @@ a directory; a training run passes the options through; bad values and a missing
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from riemix import MoELoRAConfig, add_moe_lora, build_optimizer, load_adapter, load_model, save_adapter
 from riemix.core.state import adapter_state_dict
 from riemix.hub import ModelLoadError
-from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
+from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS, own_unquantized_weights
 from riemix.io.adapter import AdapterError
 from tests.helpers import make_tiny_bert, make_tiny_llama, save_tiny_model_dir, tiny_inputs, tiny_tokenizer
 
@@ -92,6 +93,23 @@ def _trained_nf4(model_dir):
     add_moe_lora(model, ADAPTER)
     _train(model, steps=2)
     return model.eval()
+
+
+def test_the_unquantized_weights_leave_the_checkpoint_mapping_and_stay_tied(model_dir):
+    model, _ = load_model(model_dir, quantization="nf4")
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # Linux: no tensor keeps the checkpoint file mapped (its pages would stay resident)
+        assert str(Path(model_dir) / "model.safetensors") not in maps.read_text()
+    emb = nn.Embedding(4, 6)
+    head = nn.Linear(6, 4, bias=False)
+    head.weight = emb.weight  # tied: one Parameter
+    part = nn.Parameter(emb.weight.data[1, 2:5])  # another Parameter viewing the same storage
+    holder = nn.Module()
+    holder.emb, holder.head, holder.part = emb, head, part
+    before, ptr = emb.weight.detach().clone(), emb.weight.data_ptr()
+    assert own_unquantized_weights(holder) == 1
+    assert head.weight is emb.weight and emb.weight.data_ptr() != ptr and torch.equal(emb.weight, before)
+    assert part.data_ptr() == emb.weight.data_ptr() + (6 + 2) * 4 and torch.equal(part, before[1, 2:5])
 
 
 def test_an_nf4_adapter_goes_onto_a_freshly_quantized_base_with_equal_outputs(model_dir):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from riemix import AdapterError, save_adapter
+from riemix import AdapterError, freeze_experts, iter_moe_lora_layers, save_adapter
+from riemix.core.freezing import frozen_expert_map
 from riemix.integrations import (
     TRAINABLE_NAME,
     is_adapter_dir,
@@ -167,3 +168,16 @@ def test_refuses_non_finite_tensors(saved):
     key = rewrite_weights(saved, lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
     with pytest.raises(AdapterError, match=rf"{key} holds non-finite values"):
         load_adapter_weights(adapted_llama(), saved)
+
+
+def test_frozen_experts_round_trip_into_an_adapted_model(tmp_path):
+    source = trained()
+    names = [name for name, _ in iter_moe_lora_layers(source)]
+    freeze_experts(source, {names[1]: [0]}, router=True)
+    save_trainer_adapter(source, tmp_path)
+    target = adapted_llama(adapter_seed=42)
+    freeze_experts(target, {names[0]: [1]})  # not saved: unfrozen by the load
+    load_adapter_weights(target, tmp_path)
+    assert frozen_expert_map(target) == {names[1]: [0]} and frozen_expert_map(target, router=True) == {names[1]: [0]}
+    for key, value in adapter_tensors(source).items():
+        torch.testing.assert_close(adapter_tensors(target)[key], value, rtol=0, atol=0)

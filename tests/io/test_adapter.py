@@ -11,7 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from riemix import AdapterError, MoELoRAConfig, add_moe_lora, iter_moe_lora_layers, load_adapter, save_adapter
+from riemix import (
+    AdapterError,
+    MoELoRAConfig,
+    add_moe_lora,
+    build_optimizer,
+    iter_moe_lora_layers,
+    load_adapter,
+    remove_moe_lora,
+    save_adapter,
+)
+from riemix.core.freezing import freeze_experts, frozen_expert_map
 from riemix.core.schedules import set_scale_progress
 from riemix.io.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from riemix.io.fingerprint import weight_digest
@@ -310,3 +320,56 @@ def test_missing_or_badly_typed_keys_are_named(tmp_path, saved_meta, edit, messa
     with pytest.raises(AdapterError, match=msg):
         load_adapter(base, tmp_path)
     assert not list(iter_moe_lora_layers(base))
+
+
+# ---------------------------------------------------------------- frozen experts (riemix.core.freezing)
+def test_frozen_experts_round_trip_and_stay_frozen_for_the_loaded_models_optimizer(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    names = [name for name, _ in iter_moe_lora_layers(model)]
+    freeze_experts(model, {names[0]: [0, 2]}, router=True)
+    freeze_experts(model, {names[3]: [1]})
+    save_adapter(model, tmp_path)
+    masks = {k: v for k, v in load_file(str(tmp_path / WEIGHTS_NAME)).items() if ".frozen_" in k}
+    assert set(masks) == {f"{n}.{s}" for n in (names[0], names[3]) for s in ("frozen_experts", "frozen_router_rows")}
+    assert masks[f"{names[3]}.frozen_experts"].tolist() == [False, True, False]
+    loaded = load_adapter(make_tiny_llama(), tmp_path)
+    assert frozen_expert_map(loaded) == {names[0]: [0, 2], names[3]: [1]}
+    assert frozen_expert_map(loaded, router=True) == {names[0]: [0, 2]}
+    layer = loaded.get_submodule(names[0])
+    before = layer.lora_A.detach().clone(), layer.router.weight.detach().clone()
+    opt = build_optimizer(loaded, "radamw", lr=0.1, weight_decay=0.1)
+    for p in loaded.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.equal(layer.lora_A[[0, 2]], before[0][[0, 2]]) and torch.equal(layer.router.weight[0], before[1][0])
+    assert not torch.equal(layer.lora_A[1], before[0][1])
+
+
+def test_an_adapter_without_frozen_experts_has_no_masks_and_loads_all_unfrozen(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    save_adapter(model, tmp_path)  # the format of adapters saved before frozen experts existed
+    assert not [k for k in load_file(str(tmp_path / WEIGHTS_NAME)) if "frozen" in k]
+    base = make_tiny_llama()
+    freeze_experts(add_moe_lora(base, MoELoRAConfig(**CFG)), [1])
+    remove_moe_lora(base)
+    loaded = load_adapter(base, tmp_path)
+    assert frozen_expert_map(loaded) == {} and frozen_expert_map(loaded, router=True) == {}
+
+
+def test_a_bad_saved_frozen_mask_is_named(tmp_path):
+    model = trained_llama(MoELoRAConfig(**CFG))
+    name = next(n for n, _ in iter_moe_lora_layers(model))
+    freeze_experts(model, {name: [1]})
+    save_adapter(model, tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    tensors[f"{name}.frozen_experts"] = torch.ones(5, dtype=torch.bool)
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256((tmp_path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    base = make_tiny_llama()
+    message = rf"{re.escape(name)}\.frozen_experts: a frozen mask must be a bool tensor of shape \(3,\) \(num_experts=3"
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(base, tmp_path)
+    assert not list(iter_moe_lora_layers(base))  # refused before the adapters were added

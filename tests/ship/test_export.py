@@ -155,3 +155,28 @@ def test_models_that_cannot_be_exported_are_refused(model_dir, tmp_path):
     with pytest.raises(ValueError, match="LlamaForCausalLM has no MoE-LoRA adapters to export"):
         export_model(AutoModelForCausalLM.from_pretrained(model_dir), out)
     assert not out.exists()
+
+
+def test_a_grown_model_exports_and_mixed_ranks_or_immature_experts_are_refused(model_dir, tmp_path):
+    from riemix import grow_experts
+    from riemix.core.schedules import set_maturity
+
+    q0 = "model.layers.0.self_attn.q_proj"
+    grown, _ = adapted_tiny(model_dir)
+    grow_experts(grown, modules=[q0])
+    with torch.no_grad():
+        dict(iter_moe_lora_layers(grown))[q0].lora_B[4].normal_()  # the new expert matters
+    loaded = load_export(export_model(grown, tmp_path / "export"))
+    torch.testing.assert_close(logits(loaded), logits(grown), atol=1e-5, rtol=1e-5)
+    out = tmp_path / "refused"
+    grow_experts(grown, rank=3, modules=[q0])
+    match = rf"cannot export 1 layer\(s\) whose experts have different ranks \(e.g. {q0} with "
+    match += r"expert_ranks=\[2, 2, 2, 2, 2, 3\]\)"
+    with pytest.raises(ValueError, match=match):
+        export_model(grown, out)
+    young, _ = adapted_tiny(model_dir)
+    set_maturity(young, 5)
+    grow_experts(young, modules=[q0])
+    with pytest.raises(ValueError, match=rf"cannot export 1 layer\(s\) with immature experts \(e.g. {q0}\)"):
+        export_model(young, out)
+    assert not out.exists()

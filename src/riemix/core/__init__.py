@@ -9,9 +9,13 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
     sparse.py        the sparse expert path (selected token-expert pairs only) and when to take it
     functional.py    moe_lora_linear (the fused autograd function) and reference_moe_lora_linear
     init.py          the adapter initialisations (zero_b, gaussian, orthogonal, pissa, small_b)
+    maturity.py      maturity routing: dense while an expert is young (the routing in force from the ages)
+    growth.py        grow_layer: one more expert without changing the output (MoELoRALinear.add_expert)
+    dynamic.py       per-expert ranks, add_expert and the maturity state (a mixin of MoELoRALinear)
     layer.py         MoELoRALinear, iter_moe_lora_layers
     tuner.py         add_moe_lora: find and wrap the targeted nn.Linear modules; remove_moe_lora undoes it
     state.py         the table of adapter tensors -> state dict, expected shapes
+    freezing.py      freeze_experts / unfreeze_experts over a model; the frozen masks in the adapter format
     summary.py       trainable_parameters: trainable parameter counts by kind (A, B, router, other)
     schedules.py     LR multiplier, scale warm-up, router temperature, set_training_progress
     geometry.py      Gram / cosine similarity / singular values / effective rank of the expert factors
@@ -29,6 +33,7 @@ from riemix.core.config import (
     TOPK_MODES,
     MoELoRAConfig,
 )
+from riemix.core.freezing import freeze_experts, unfreeze_experts
 from riemix.core.functional import RouteSpec, moe_lora_linear, reference_moe_lora_linear
 from riemix.core.geometry import cosine_similarity_a, cosine_similarity_ba, effective_rank, expert_singular_values
 from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
@@ -69,6 +74,7 @@ __all__ = [
     "effective_rank",
     "expert_singular_values",
     "find_target_modules",
+    "freeze_experts",
     "inject_gradients",
     "iter_moe_lora_layers",
     "layer_index",
@@ -83,5 +89,6 @@ __all__ = [
     "set_training_progress",
     "sparse_moe_lora_linear",
     "trainable_parameters",
+    "unfreeze_experts",
     "use_sparse_experts",
 ]

@@ -57,8 +57,11 @@ class MoELoRAConfig:
             index use entry 0 of a list / ``callable(0)``.
         top_k: Experts kept per token (ignored by ``routing="dense"``). Must satisfy 1 <= top_k <= E for
             every adapted layer.
-        rank: Rank r of every expert.
-        alpha: LoRA alpha; the layer scaling is ``alpha / rank`` (or ``alpha / sqrt(rank)`` with
+        rank: Rank r of the experts a layer is created with, like ``num_experts``: one int for every
+            layer, a list indexed by the block index, or a callable ``block_index -> r``
+            (``rank_for_layer``).  Experts added later (``MoELoRALinear.add_expert``) may have their own
+            rank; a layer then stacks its experts at the largest rank R (``MoELoRALinear.expert_ranks``).
+        alpha: LoRA alpha; an expert of rank r is scaled by ``alpha / r`` (or ``alpha / sqrt(r)`` with
             ``use_rslora``).
         dropout: Dropout probability applied to the expert input (not to the router input).
         target_modules: Either a list of module-name suffixes (``"q_proj"`` matches
@@ -106,11 +109,19 @@ class MoELoRAConfig:
             (N, in) x (in, E·r) product in the backward: measured +1% to +3% layer time on CPU, +5% to
             +25% on an H100 (``benchmarks/layer_speed.py --paths``). The sparse path always recomputes h
             (it keeps a gate and a token index per selected pair).
+        mature_after_steps: Maturity routing for continual learning (``riemix.core.maturity``): an expert is
+            *immature* until it has trained this many optimizer steps (``advance_maturity`` counts them;
+            new experts from ``add_expert`` start at 0), and a layer with an immature expert routes densely
+            (softmax over all experts) so that it receives gradient on every token; once all are mature the
+            layer routes with ``routing``.  0 (default): off, every expert is mature.
+        maturity_temperature: Router temperature of that dense routing (None: ``router_temperature``).
+        maturity_anneal_steps: After the youngest expert matures, the temperature moves linearly from
+            ``maturity_temperature`` to ``router_temperature`` over this many steps (0: at once).
     """
 
     num_experts: ExpertCount = 8
     top_k: int = 2
-    rank: int = 4
+    rank: ExpertCount = 4
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -129,6 +140,9 @@ class MoELoRAConfig:
     scale_anchor_beta: float = 0.0
     expert_compute: str = "auto"
     recompute_hidden: bool = False
+    mature_after_steps: int = 0
+    maturity_temperature: float | None = None
+    maturity_anneal_steps: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -156,8 +170,7 @@ class MoELoRAConfig:
         min_e = self._static_min_experts()
         if min_e is not None and self.routing not in DENSE_MODES and self.top_k > min_e:
             raise ValueError(f"top_k must be in 1..num_experts ({min_e}), got {self.top_k}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        self.rank = _per_layer(self.rank, "rank")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -233,6 +246,17 @@ class MoELoRAConfig:
             raise ValueError(
                 f"expert_compute='sparse' needs a routing that selects experts, got routing={self.routing!r}"
             )
+        for name in ("mature_after_steps", "maturity_anneal_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        temp = self.maturity_temperature
+        if temp is not None and not temp > 0:
+            raise ValueError(f"maturity_temperature must be > 0 or None, got {temp!r}")
+        if self.mature_after_steps and self.init == "pissa":
+            raise ValueError(
+                f"mature_after_steps must be 0 with init='pissa' (its experts are placed for the routing "
+                f"at step 0), got {self.mature_after_steps}"
+            )
 
     def _static_min_experts(self) -> int | None:
         if isinstance(self.num_experts, int):
@@ -243,8 +267,31 @@ class MoELoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """The adapter scaling s: ``alpha / rank`` or ``alpha / sqrt(rank)`` with rsLoRA."""
+        """The adapter scaling s: ``alpha / rank`` or ``alpha / sqrt(rank)`` with rsLoRA (an int ``rank``).
+
+        Raises:
+            ValueError: ``rank`` is per layer (a list or callable): see ``rank_for_layer``.
+        """
+        if not isinstance(self.rank, int):
+            raise ValueError(f"scaling: rank is per layer ({self.rank!r}); use rank_for_layer(i) for a layer's rank")
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def rank_for_layer(self, layer_index: int | None) -> int:
+        """Rank of the experts the block ``layer_index`` is created with (None: a module outside the blocks).
+
+        Raises:
+            ValueError: a list ``rank`` shorter than the model, or a callable returning an invalid rank.
+        """
+        idx = 0 if layer_index is None else layer_index
+        if isinstance(self.rank, int):
+            return self.rank
+        if isinstance(self.rank, list):
+            if idx >= len(self.rank):
+                raise ValueError(f"rank has {len(self.rank)} entries but the model has a layer {idx}")
+            return self.rank[idx]
+        r = self.rank(idx)
+        _check_experts(r, f"rank({idx})")
+        return int(r)
 
     def experts_for_layer(self, layer_index: int | None) -> int:
         """Number of experts for the block ``layer_index`` (None: a module outside the blocks).
@@ -269,10 +316,19 @@ class MoELoRAConfig:
         return int(e)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (a callable ``num_experts`` must be resolved by the caller)."""
+        """JSON-serialisable dict (a callable ``num_experts`` or ``rank`` is written as None: the caller
+        resolves it).
+
+        The maturity fields are left out while they hold their defaults, so an adapter that does not use
+        them writes the same config as before they existed (``from_dict`` fills the defaults back in).
+        """
         d = dataclasses.asdict(self)
-        if callable(self.num_experts):
-            d["num_experts"] = None
+        for name in ("num_experts", "rank"):
+            if callable(getattr(self, name)):
+                d[name] = None
+        for name in _OMIT_AT_DEFAULT:
+            if d[name] == _DEFAULTS[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -329,3 +385,33 @@ def check_field_types(config: Any) -> None:
 def _check_experts(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _per_layer(value: Any, name: str) -> int | list[int] | Callable[[int], int]:
+    """A per-layer count field (``rank``): an int >= 1, a non-empty list of them, or a callable.
+
+    Raises:
+        ValueError: naming the field and the bad value.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, list or callable, got {value!r}")
+    if isinstance(value, int):
+        _check_experts(value, name)
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+        if bad:
+            raise ValueError(f"{name}: per-layer values must be ints, got {bad[0]!r} in {value!r}")
+        if not value:
+            raise ValueError(f"{name}: the per-layer list is empty")
+        for i, v in enumerate(value):
+            _check_experts(v, f"{name}[{i}]")
+        return list(value)
+    if callable(value):
+        return value
+    raise ValueError(f"{name} must be an int, list or callable, got {value!r}")
+
+
+#: Fields ``to_dict`` leaves out while they hold their defaults (added after the adapter format was fixed).
+_OMIT_AT_DEFAULT = ("mature_after_steps", "maturity_temperature", "maturity_anneal_steps")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoELoRAConfig) if f.name in _OMIT_AT_DEFAULT}

@@ -19,6 +19,10 @@ as well (``layer.pissa_fix_index`` / ``layer.pissa_fix_value``, a sparse list of
 values), so that ``pissa_original`` rebuilds W bit-identically and ``riemix.remove_moe_lora`` can give the
 original model back.
 
+A layer whose experts have different ranks (``layer.expert_ranks``, stacked at R = their maximum) is
+initialised at R and its padding (rows r >= rᵢ of Aᵢ, columns of Bᵢ) is then zeroed (``zero_rank_padding``);
+``gaussian`` draws expert i with std 1/rᵢ, and ``pissa`` refuses mixed ranks.
+
 A quantized base (bitsandbytes, ``layer.quantized_base``) has no floating-point weight to factor or to
 replace by a residual: ``"pissa"`` refuses it (every other init leaves the base alone).
 """
@@ -43,6 +47,7 @@ __all__ = [
     "pissa_residual",
     "restore_pissa",
     "same_bits",
+    "zero_rank_padding",
 ]
 
 
@@ -260,6 +265,13 @@ def _init_pissa(layer) -> None:
         )
     if layer.pissa_down is not None:
         raise ValueError("init='pissa': this layer already carries a PiSSA residual; build a fresh layer")
+    if len(set(layer.expert_ranks)) > 1:
+        raise ValueError(f"init='pissa' needs experts of one rank, got expert_ranks={layer.expert_ranks}")
+    if layer.maturity.after_steps > 0:
+        raise ValueError(
+            f"init='pissa' places its experts for the routing at step 0, which maturity routing makes dense: "
+            f"it needs mature_after_steps=0, got {layer.maturity.after_steps}"
+        )
     if layer.router is not None:
         layer.router.weight.zero_()
     g0 = initial_gates(layer)  # (E,)
@@ -310,6 +322,9 @@ def initialise_layer(layer, init: str, router_init_std: float = 0.02) -> None:
         _kaiming_a(layer)
     elif init == "gaussian":
         nn.init.normal_(layer.lora_A.view(-1, layer.in_features), std=1.0 / layer.rank)
+        if layer.rank_scale is not None:  # expert i: std 1/rᵢ
+            ratio = torch.tensor([layer.rank / r for r in layer.expert_ranks], dtype=layer.lora_A.dtype)  # (E,)
+            layer.lora_A.mul_(ratio.to(layer.lora_A.device).view(-1, 1, 1))
     else:
         a, layer.init_info = orthogonal_rows(layer.num_experts, layer.rank, layer.in_features)
         layer.lora_A.copy_(a.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype))
@@ -319,3 +334,14 @@ def initialise_layer(layer, init: str, router_init_std: float = 0.02) -> None:
         layer.lora_B.zero_()
     if layer.router is not None:
         nn.init.normal_(layer.router.weight, std=router_init_std)
+    zero_rank_padding(layer)
+
+
+@torch.no_grad()
+def zero_rank_padding(layer) -> None:
+    """Zero the rank padding of a layer with mixed expert ranks: rows r >= rᵢ of Aᵢ, columns r >= rᵢ of Bᵢ."""
+    if layer.rank_scale is None:  # every expert uses all R slots
+        return
+    keep = layer.rank_mask()  # (E, R)
+    layer.lora_A.masked_fill_(~keep.unsqueeze(-1), 0.0)  # (E, R, in)
+    layer.lora_B.masked_fill_(~keep.unsqueeze(1), 0.0)  # (E, out, R)

@@ -6,7 +6,8 @@
 router or the global gate, optional expert scales) and the runtime state (scale warm-up factor, router
 temperature, recorded routing); the math of one call is ``riemix.core.functional.moe_lora_linear`` (one
 fused autograd node with gate-rescaled gradients, see that module).  Initialisations are in
-``riemix.core.init``.
+``riemix.core.init``.  Per-expert ranks, growing by one expert (``add_expert``) and maturity routing are
+``riemix.core.dynamic`` (``DynamicExpertsMixin``).
 
 The wrapped module is an ``nn.Linear`` or a GPT-2-style ``Conv1D`` (a linear map whose weight is stored
 transposed, ``(in, out)``, as in GPT-2, GPT-J's ancestors and DistilGPT-2); ``base_weight`` always reads
@@ -21,15 +22,17 @@ repacking 4-bit weights on CPU, after which they would pass no gradient back.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from riemix.core.config import DENSE_MODES
+from riemix.core.dynamic import DynamicExpertsMixin, expert_rank_list
 from riemix.core.functional import moe_lora_linear
 from riemix.core.init import initialise_layer
+from riemix.core.maturity import check_maturity_policy
 from riemix.core.routing import route
 from riemix.core.sparse import use_sparse_experts
 
@@ -119,7 +122,7 @@ def guard_quantized_layers(model: nn.Module) -> list[str]:
     return [n for n, _ in layers]
 
 
-class MoELoRALinear(nn.Module):
+class MoELoRALinear(DynamicExpertsMixin, nn.Module):
     """A frozen ``nn.Linear`` with a mixture of LoRA experts and a router.
 
     Attributes:
@@ -134,13 +137,19 @@ class MoELoRALinear(nn.Module):
             weight (W_res = W − pissa_up @ pissa_down), else None.
         pissa_fix_index, pissa_fix_value: after ``init="pissa"``, the entries of W that W_res + up @ down
             does not round back to (``riemix.core.init.pissa_fixes``), else None.
-        lora_A: ``(E, r, in_features)`` expert down-projections.
-        lora_B: ``(E, out_features, r)`` expert up-projections.
+        lora_A: ``(E, R, in_features)`` expert down-projections (R = ``rank``; rows r >= rᵢ of Aᵢ are zero).
+        lora_B: ``(E, out_features, R)`` expert up-projections (columns r >= rᵢ of Bᵢ are zero).
+        expert_ranks: every expert's rank rᵢ; ``rank`` is R = max rᵢ (``riemix.core.dynamic``).
         router: ``nn.Linear(in_features, E, bias=False)`` for the per-token modes, None for ``"global"``.
         global_gate: ``(E,)`` gate logits w of ``routing="global"`` (gᵢ = E·softmax(w/T)ᵢ), else None.
         expert_scale: ``(E, out_features)`` channel-wise scale of each expert's output (``expert_scales``),
             else None.
-        scaling: adapter scale s (``alpha/r`` or ``alpha/sqrt(r)``).
+        scaling: adapter scale s (``alpha/r`` or ``alpha/sqrt(r)``) of expert 0, of every expert when the ranks
+            are equal; ``expert_scaling`` lists sᵢ, ``rank_scale`` the ratios sᵢ/s folded into B (None
+            when the ranks are equal).
+        expert_age: ``(E,)`` int64 buffer: optimizer steps each expert has trained (``advance_age``); with
+            ``maturity.after_steps`` > 0 a layer with a younger expert routes densely (``routing_now``,
+            ``set_maturity``, ``mark_mature``; ``riemix.core.maturity``).
         scale_factor: multiplier of s in [0, 1] (scale warm-up; see ``riemix.core.schedules.set_scale_progress``).
         router_temperature: current router temperature T (see ``riemix.core.schedules.set_router_temperature``).
         router_noise_std: std of the selection noise added to the logits in training mode.
@@ -153,13 +162,17 @@ class MoELoRALinear(nn.Module):
             ``MoELoRAConfig.recompute_hidden``).
         record_routing: when True, ``last_router_logits`` ``(N, E)`` and ``last_gates`` ``(N, E)`` keep the
             latest forward's routing (used by auxiliary losses and diagnostics).
+        frozen_experts: ``(E,)`` bool buffer: experts every riemix optimizer leaves bit-identical (their A, B
+            and expert-scale rows; ``freeze_expert``).  Saved with the adapter, not in ``state_dict``.
+        frozen_router_rows: ``(E,)`` bool buffer: router rows (global gate entries) held fixed likewise
+            (``freeze_expert(i, router=True)``).
     """
 
     def __init__(
         self,
         base_layer: nn.Module,
         num_experts: int,
-        rank: int,
+        rank: int | Sequence[int],
         alpha: float,
         top_k: int,
         routing: str = "softmax_topk",
@@ -176,12 +189,16 @@ class MoELoRALinear(nn.Module):
         expert_compute: str = "auto",
         recompute_hidden: bool = False,
         call_base: bool | None = None,
+        mature_after_steps: int = 0,
+        maturity_temperature: float | None = None,
+        maturity_anneal_steps: int = 0,
     ) -> None:
         """Wrap ``base_layer``; the arguments are ``MoELoRAConfig``'s fields of the same names, except:
 
         Args:
             base_layer: the linear module to wrap (``is_linear_like``).
             num_experts: E for this layer.
+            rank: every expert's rank, or a list of E ranks (stacked at their maximum R).
             call_base: call ``base_layer`` instead of reading its weight (None: only for a quantized base;
                 False is refused for one).
 
@@ -206,12 +223,14 @@ class MoELoRALinear(nn.Module):
         else:
             self.out_features, self.in_features = self.base_weight.shape
         self.num_experts = num_experts
-        self.rank = rank
+        ranks = expert_rank_list(rank, num_experts)
+        maturity = check_maturity_policy(mature_after_steps, maturity_temperature, maturity_anneal_steps)
         self.alpha = alpha
+        self.use_rslora = bool(use_rslora)
+        self._requested_top_k = top_k  # top_k is capped at E, which add_expert raises
         self.top_k = num_experts if routing in DENSE_MODES else min(top_k, num_experts)
         self.routing = routing
         self.gate_grad_power = gate_grad_power
-        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         self.scale_factor = 1.0
         self.router_temperature = float(router_temperature)
         self.router_noise_std = float(router_noise_std)
@@ -225,8 +244,8 @@ class MoELoRALinear(nn.Module):
         weight = base_layer.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         factory = {"device": weight.device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **factory))
+        self.lora_A = nn.Parameter(torch.empty(num_experts, max(ranks), self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, max(ranks), **factory))
         if routing == "global":
             self.router = None
             self.global_gate = nn.Parameter(torch.zeros(num_experts, **factory))
@@ -237,6 +256,11 @@ class MoELoRALinear(nn.Module):
             self.expert_scale = nn.Parameter(torch.ones(num_experts, self.out_features, **factory))
         else:
             self.register_parameter("expert_scale", None)
+        # continual learning: rows the riemix optimizers hold fixed (freeze_expert); saved by the adapter format
+        mask = {"dtype": torch.bool, "device": weight.device}
+        self.register_buffer("frozen_experts", torch.zeros(num_experts, **mask), persistent=False)  # (E,)
+        self.register_buffer("frozen_router_rows", torch.zeros(num_experts, **mask), persistent=False)  # (E,)
+        self._frozen_cache: dict[str, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
         # PiSSA: the step-0 delta up @ down removed from the base weight (kept to rebuild the residual), and
         # the entries where residual + up @ down does not round back to the original weight (to undo it).
         self.register_buffer("pissa_down", None, persistent=False)
@@ -246,6 +270,7 @@ class MoELoRALinear(nn.Module):
         self.record_routing = False
         self.last_router_logits: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
+        self._init_dynamic(ranks, maturity, weight.device)  # expert_ranks, rank, scaling, expert_age
         self.reset_adapter_parameters(init, router_init_std)
 
     @property
@@ -288,9 +313,13 @@ class MoELoRALinear(nn.Module):
     @property
     def sparse_experts(self) -> bool:
         """Whether the forward computes only the selected (token, expert) pairs (``riemix.core.sparse``)."""
-        return use_sparse_experts(
-            self.expert_compute, self.routing, self.top_k, self.num_experts, self.lora_A.device.type
-        )
+        now = self.routing_now()
+        device = self.lora_A.device.type
+        return use_sparse_experts(self._compute_now(now.mode), now.mode, now.top_k, self.num_experts, device)
+
+    def _compute_now(self, mode: str) -> str:
+        """``expert_compute`` for the routing in force (``"sparse"`` cannot run the dense maturity routing)."""
+        return "dense" if mode in DENSE_MODES and self.expert_compute == "sparse" else self.expert_compute
 
     def compute_gates(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and gates for flattened tokens (clean logits: no selection noise).
@@ -305,14 +334,14 @@ class MoELoRALinear(nn.Module):
             logits = self.global_gate.unsqueeze(0).expand(x2d.shape[0], -1)  # (N, E)
         else:
             logits = self.router(x2d.to(self.router.weight.dtype))  # (N, E)
-        gates, _ = route(logits, self.routing, self.top_k, self.router_temperature, self.top_p)  # (N, E)
+        now = self.routing_now()
+        gates, _ = route(logits, now.mode, now.top_k, now.temperature, self.top_p)  # (N, E)
         return logits, gates
 
     def effective_lora_b(self) -> torch.Tensor:
-        """``(E, out, r)`` B with the expert scales folded in (σᵢ ⊙ Bᵢ), or B itself."""
-        if self.expert_scale is None:
-            return self.lora_B
-        return self.lora_B * self.expert_scale.unsqueeze(-1)  # (E, out, r)
+        """``(E, out, R)`` B with the expert scales and the rank ratios folded in ((sᵢ/s)·σᵢ ⊙ Bᵢ), or B itself."""
+        b = self.lora_B if self.expert_scale is None else self.lora_B * self.expert_scale.unsqueeze(-1)  # (E, out, R)
+        return b if self.rank_scale is None else b * self.rank_scale.to(b.dtype).view(-1, 1, 1)  # (E, out, R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the base layer and the gated experts.
@@ -332,8 +361,9 @@ class MoELoRALinear(nn.Module):
         out_dtype = dtype if torch.is_autocast_enabled(device_type) else x.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)  # (N, in)
         x_drop = self.dropout(x2d) if isinstance(self.dropout, nn.Dropout) and self.training else None
+        now = self.routing_now()  # the layer's routing, or dense while an expert is immature (maturity)
         noise = None
-        if self.training and self.router_noise_std > 0 and self.routing not in DENSE_MODES:
+        if self.training and self.router_noise_std > 0 and now.mode not in DENSE_MODES:
             noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             noise = torch.randn(x2d.shape[0], self.num_experts, dtype=noise_dtype, device=x.device)  # (N, E)
             noise = noise * self.router_noise_std
@@ -349,15 +379,15 @@ class MoELoRALinear(nn.Module):
                 self.lora_A.to(dtype),
                 self.effective_lora_b().to(dtype),
                 self.gate_weight.to(dtype),
-                self.routing,
-                self.top_k,
+                now.mode,
+                now.top_k,
                 self.gate_grad_power,
                 self.scaling * self.scale_factor,
                 x_drop,
-                temperature=self.router_temperature,
+                temperature=now.temperature,
                 top_p=self.top_p,
                 noise=noise,
-                expert_compute=self.expert_compute,
+                expert_compute=self._compute_now(now.mode),
                 recompute_hidden=self.recompute_hidden,
             )  # (N, out), (N, E), (N, E)
         if y_base is not None:
@@ -379,11 +409,120 @@ class MoELoRALinear(nn.Module):
             "e,eor,eri->oi", gates.to(self.lora_A.dtype), self.effective_lora_b(), self.lora_A
         )
 
+    # ------------------------------------------------------------------ frozen experts (continual learning)
+    def _check_expert_index(self, i: object) -> int:
+        """``i`` as an int expert index of this layer.
+
+        Raises:
+            TypeError: ``i`` is not an integer (a bool is refused).
+            ValueError: ``i`` is not in ``[0, num_experts)`` (index and E named).
+        """
+        if isinstance(i, bool):
+            raise TypeError(f"expert index must be an int, got {i!r}")
+        try:
+            index = operator.index(i)
+        except TypeError:
+            raise TypeError(f"expert index must be an int, got {i!r}") from None
+        if not 0 <= index < self.num_experts:
+            raise ValueError(
+                f"expert index {index} does not exist: the layer has num_experts={self.num_experts} "
+                f"(valid indices 0..{self.num_experts - 1})"
+            )
+        return index
+
+    def _frozen_mask(self, name: str) -> torch.Tensor:
+        """The ``(E,)`` mask buffer ``name``, made ``(num_experts,)`` first if E changed (new rows unfrozen)."""
+        mask = self._buffers.get(name)
+        if mask is None or mask.shape != (self.num_experts,):
+            new = torch.zeros(self.num_experts, dtype=torch.bool, device=self.lora_A.device)  # (E,)
+            if mask is not None:
+                keep = min(mask.shape[0], self.num_experts)
+                new[:keep] = mask[:keep]
+            self.register_buffer(name, new, persistent=False)
+            mask = new
+        return mask
+
+    def _frozen_index(self, name: str) -> torch.Tensor | None:
+        """Sorted int64 indices ``(F,)`` of the True entries of mask ``name`` (None when none), on its device.
+
+        Cached on the mask's identity and version counter: a step reads it without a host sync unless the
+        mask was written since (by ``freeze_expert``, a load, or any in-place write).
+        """
+        mask = self._frozen_mask(name)
+        try:
+            version: int | None = mask._version
+        except RuntimeError:  # an inference tensor has no version counter: never cached
+            version = None
+        cache = self.__dict__.setdefault("_frozen_cache", {})
+        hit = cache.get(name)
+        if hit is not None and version is not None and hit[0] is mask and hit[1] == version:
+            return hit[2]
+        index = mask.nonzero().flatten()  # (F,)
+        index = index if index.numel() else None
+        cache[name] = (mask, version, index)
+        return index
+
+    @torch.no_grad()
+    def freeze_expert(self, i: int, router: bool = False) -> None:
+        """Hold expert ``i`` fixed: every riemix optimizer leaves its rows bit-identical until ``unfreeze_expert``.
+
+        What is frozen is the expert's map s·(σᵢ ⊙ Bᵢ) Aᵢ: its ``lora_A`` and ``lora_B`` slices and its
+        ``expert_scale`` row; with ``router=True`` also its router row (``routing="global"``: its gate
+        logit).  A frozen router row keeps its parameters, not its gate: gᵢ is a softmax over all experts'
+        logits.  Gradients are still computed; the optimizers (``RiemannianOptimizer.track_frozen``, done
+        by ``build_optimizer``) ignore them and skip those rows' update and optimizer state.  Freezing a
+        frozen expert again is a no-op; ``router=False`` never unfreezes a frozen router row.
+
+        Args:
+            i: the expert index, ``0 <= i < num_experts``.
+            router: also freeze its router row / global gate entry.
+
+        Raises:
+            TypeError: ``i`` is not an int or ``router`` not a bool.
+            ValueError: ``i`` is out of range (index and E named).
+        """
+        index = self._check_expert_index(i)
+        if not isinstance(router, bool):
+            raise TypeError(f"router must be a bool, got {router!r}")
+        self._frozen_mask("frozen_experts")[index] = True
+        if router:
+            self._frozen_mask("frozen_router_rows")[index] = True
+
+    @torch.no_grad()
+    def unfreeze_expert(self, i: int) -> None:
+        """Let expert ``i`` (and its router row) train again; its optimizer state resumes where it was frozen.
+
+        Raises:
+            TypeError: ``i`` is not an int.
+            ValueError: ``i`` is out of range (index and E named).
+        """
+        index = self._check_expert_index(i)
+        self._frozen_mask("frozen_experts")[index] = False
+        self._frozen_mask("frozen_router_rows")[index] = False
+
+    def frozen_parameter_rows(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(parameter, rows)`` for every parameter with frozen rows along its dim 0 (the optimizers' input).
+
+        ``lora_A`` ``(E, r, in)``, ``lora_B`` ``(E, out, r)`` and ``expert_scale`` ``(E, out)`` with the
+        frozen experts; the router weight ``(E, in)`` or ``global_gate`` ``(E,)`` with the frozen router rows.
+        ``rows`` is a sorted int64 ``(F,)`` index tensor on the masks' device.  Empty when nothing is frozen
+        (no host sync then).
+        """
+        out: list[tuple[nn.Parameter, torch.Tensor]] = []
+        experts = self._frozen_index("frozen_experts")
+        if experts is not None:
+            out += [(p, experts) for p in (self.lora_A, self.lora_B, self.expert_scale) if p is not None]
+        rows = self._frozen_index("frozen_router_rows")
+        if rows is not None:
+            out.append((self.gate_weight, rows))
+        return out
+
     def extra_repr(self) -> str:  # noqa: D102
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
             f"rank={self.rank}, scaling={self.scaling:g}, routing={self.routing}, p={self.gate_grad_power}, "
-            f"experts_computed={'sparse' if self.sparse_experts else 'dense'}"
+            + (f"expert_ranks={self.expert_ranks}, " if self.rank_scale is not None else "")
+            + f"experts_computed={'sparse' if self.sparse_experts else 'dense'}"
             + (", base=called" if self.call_base else "")
         )
 

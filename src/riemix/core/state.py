@@ -17,6 +17,9 @@ With E experts of rank r on an ``in -> out`` Linear:
     expert_scale    (E, out)       expert_scales=True
     pissa_down      (E·r, in)      init="pissa" (fp64 buffer)
     pissa_up        (out, E·r)     init="pissa" (fp64 buffer)
+    expert_age      (E,)           mature_after_steps > 0 (int64 buffer: each expert's age in steps)
+
+r is the stacked rank R (the largest expert rank, ``MoELoRALinear.expert_ranks``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class AdapterTensor(NamedTuple):
         in_config: whether an adapter with this config has it (for every adapted module).
         shape: ``(E, r, in, out) -> shape``.
         get: the layer's tensor, or None when the layer has none.
-        parameter: True for trainable parameters; False for buffers rebuilt on load.
+        parameter: True for trainable parameters, False for buffers.
+        rebuilt: True for buffers rebuilt on load (the PiSSA factors) rather than copied.
     """
 
     suffix: str
@@ -49,6 +53,7 @@ class AdapterTensor(NamedTuple):
     shape: Callable[[int, int, int, int], tuple[int, ...]]
     get: Callable[[MoELoRALinear], torch.Tensor | None]
     parameter: bool = True
+    rebuilt: bool = False
 
 
 def _always(config: MoELoRAConfig) -> bool:
@@ -72,15 +77,32 @@ ADAPTER_TENSORS: tuple[AdapterTensor, ...] = (
         "expert_scale", lambda c: c.expert_scales, lambda e, r, i, o: (e, o), lambda layer: layer.expert_scale
     ),
     AdapterTensor(
-        "pissa_down", lambda c: c.init == "pissa", lambda e, r, i, o: (e * r, i), lambda layer: layer.pissa_down, False
+        "pissa_down",
+        lambda c: c.init == "pissa",
+        lambda e, r, i, o: (e * r, i),
+        lambda layer: layer.pissa_down,
+        False,
+        True,
     ),
     AdapterTensor(
-        "pissa_up", lambda c: c.init == "pissa", lambda e, r, i, o: (o, e * r), lambda layer: layer.pissa_up, False
+        "pissa_up",
+        lambda c: c.init == "pissa",
+        lambda e, r, i, o: (o, e * r),
+        lambda layer: layer.pissa_up,
+        False,
+        True,
+    ),
+    AdapterTensor(
+        "expert_age",
+        lambda c: c.mature_after_steps > 0,
+        lambda e, r, i, o: (e,),
+        lambda layer: layer.expert_age if layer.maturity.after_steps > 0 else None,
+        False,
     ),
 )
 
-#: Suffixes of the entries that are buffers (rebuilt by ``riemix.core.init.restore_pissa``, not copied).
-BUFFER_SUFFIXES: tuple[str, ...] = tuple(t.suffix for t in ADAPTER_TENSORS if not t.parameter)
+#: Suffixes of the entries that are rebuilt on load (by ``riemix.core.init.restore_pissa``), not copied.
+BUFFER_SUFFIXES: tuple[str, ...] = tuple(t.suffix for t in ADAPTER_TENSORS if t.rebuilt)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +110,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Always ``lora_A`` and ``lora_B``; ``router.weight`` (per-token routing) or ``global_gate``
     (``routing="global"``); ``expert_scale`` with ``expert_scales``; ``pissa_down``/``pissa_up`` (the part
-    of the base weight that ``init="pissa"`` moved into the experts) for PiSSA layers.  The tensors share
+    of the base weight that ``init="pissa"`` moved into the experts) for PiSSA layers; ``expert_age`` for
+    layers with maturity routing (``MoELoRALinear.maturity``).  The tensors share
     storage with the layers (copying into a value writes the parameter).
     """
     state = {}

@@ -110,7 +110,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def add_moe_lora(
-    model: nn.Module, config: MoELoRAConfig, experts_per_module: dict[str, int] | None = None
+    model: nn.Module,
+    config: MoELoRAConfig,
+    experts_per_module: dict[str, int] | None = None,
+    ranks_per_module: dict[str, int | list[int]] | None = None,
 ) -> nn.Module:
     """Wrap the targeted ``nn.Linear`` modules with ``MoELoRALinear`` in place and freeze the rest.
 
@@ -119,6 +122,8 @@ def add_moe_lora(
         config: the adapter configuration.
         experts_per_module: optional explicit expert count per module name (used by ``load_adapter`` to
             restore exactly the saved layout); overrides ``config.num_experts``.
+        ranks_per_module: optional explicit rank per module name, one int or a list of one rank per expert
+            (``load_adapter``: the saved ranks); overrides ``config.rank``.
 
     Returns:
         The same ``model``; only adapter parameters (A, B, router) require gradients afterwards.  The
@@ -127,14 +132,17 @@ def add_moe_lora(
         ``remove_moe_lora``).
 
     Raises:
-        ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer``; ``init="pissa"``
-            on quantized (bitsandbytes) targets, or a model whose 4-bit layers bitsandbytes has already
-            repacked for CPU inference (``guard_quantized_layers``).  Nothing is changed then.
+        ValueError: see ``find_target_modules`` and ``MoELoRAConfig.experts_for_layer`` / ``rank_for_layer``;
+            ``init="pissa"`` on quantized (bitsandbytes) targets, or a model whose 4-bit layers bitsandbytes
+            has already repacked for CPU inference (``guard_quantized_layers``).  Nothing is changed then.
     """
     targets = find_target_modules(model, config)
     counts = {
         name: (experts_per_module or {}).get(name) or config.experts_for_layer(layer_index(name))
         for name in targets
+    }
+    ranks = {
+        name: (ranks_per_module or {}).get(name) or config.rank_for_layer(layer_index(name)) for name in targets
     }
     quantized = [name for name in targets if is_quantized_linear(model.get_submodule(name))]
     if quantized and config.init == "pissa":
@@ -154,7 +162,7 @@ def add_moe_lora(
         layer = MoELoRALinear(
             base,
             num_experts=counts[name],
-            rank=config.rank,
+            rank=ranks[name],
             alpha=config.alpha,
             top_k=config.top_k,
             routing=config.routing,
@@ -170,6 +178,9 @@ def add_moe_lora(
             init_b_std=config.init_b_std,
             expert_compute=config.expert_compute,
             recompute_hidden=config.recompute_hidden,
+            mature_after_steps=config.mature_after_steps,
+            maturity_temperature=config.maturity_temperature,
+            maturity_anneal_steps=config.maturity_anneal_steps,
         )
         layer.scale_factor = scale_warmup_factor(0, config.scale_warmup_steps)
         layer.train(base.training)  # follow the wrapped module's mode (dropout / selection noise)

@@ -42,7 +42,7 @@ import torch
 
 from riemix.hub.gguf_cache import ensure_gguf_cache
 from riemix.hub.probe import hub_offline_mode, hub_offline_reason
-from riemix.hub.quantize import bitsandbytes_config, check_quantization, keep_differentiable, load_dtype
+from riemix.hub.quantize import bitsandbytes_config, check_quantization, finish_quantized, load_dtype
 from riemix.hub.resolve import (
     BuiltinSpec,
     ModelLoadError,
@@ -406,7 +406,7 @@ def load_model(
 
     if source.kind == "hub":
         model, tokenizer = _load_from_hub(source, task, num_labels, dtype, **extra)
-        return _finalize(_quantized(model, label, quantization), tokenizer)
+        return _finalize(finish_quantized(model, label, quantization), tokenizer)
 
     try:
         if source.kind == "builtin_gguf":
@@ -436,12 +436,4 @@ def load_model(
             f"could not load '{source.name}' ({source.kind} at {source.location}) for task={task!r}: "
             f"{type(err).__name__}: {err}"
         ) from err
-    return _finalize(_quantized(model, label, quantization), tokenizer)
-
-
-def _quantized(model: PreTrainedModel, label: str, quantization: str | None) -> PreTrainedModel:
-    """A freshly quantized model with bitsandbytes' CPU repacking turned off (it would cut its gradients)."""
-    if quantization is not None:
-        count = keep_differentiable(model)
-        logger.info("%s: quantized to %s by bitsandbytes (%d 4-bit layers)", label, quantization, count)
-    return model
+    return _finalize(finish_quantized(model, label, quantization), tokenizer)

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from riemix.core.freezing import load_frozen_state, split_frozen_state
 from riemix.core.layer import iter_moe_lora_layers
 from riemix.core.state import ADAPTER_TENSORS, BUFFER_SUFFIXES, adapter_state_dict
 from riemix.io.adapter import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config, save_adapter
@@ -268,6 +269,10 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
     buffers = tuple(f".{suffix}" for suffix in BUFFER_SUFFIXES)  # PiSSA factors: fixed by the base, not trained
     params = {k: v for k, v in adapter_state_dict(model).items() if not k.endswith(buffers)}
     tensors = {k: v for k, v in _read_tensors(weights).items() if not k.endswith(buffers)}
+    try:  # the frozen-expert masks, when any: taken out of ``tensors``, set after the copy
+        frozen = split_frozen_state(tensors, {n: layer.num_experts for n, layer in iter_moe_lora_layers(model)})
+    except ValueError as exc:
+        raise AdapterError(f"{weights}: {exc}") from exc
     extra = meta.get("extra") or {}
     trainable_file = path / TRAINABLE_NAME
     trainable, saved = _extra_trainables(model), {}
@@ -281,6 +286,7 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
         for source, target in ((tensors, params), (saved, trainable)):
             for key, value in source.items():
                 target[key].copy_(value)
+    load_frozen_state(model, frozen)  # the saved frozen experts; none when the adapter has no masks
     runtime = meta.get("runtime") or {}
     for _, layer in iter_moe_lora_layers(model):
         layer.scale_factor = float(runtime.get("scale_factor", layer.scale_factor))

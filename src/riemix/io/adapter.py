@@ -6,10 +6,14 @@ An adapter directory holds two files, each written atomically:
   with the suffixes and shapes of the one table ``riemix.core.state.ADAPTER_TENSORS``: ``lora_A``,
   ``lora_B``, ``router.weight`` (``global_gate`` with ``routing="global"``), plus ``expert_scale`` with
   ``expert_scales`` and ``pissa_down`` / ``pissa_up`` with ``init="pissa"`` (the part of the base weight
-  moved into the experts, so the residual base can be rebuilt from the original model);
+  moved into the experts, so the residual base can be rebuilt from the original model), and the bool
+  ``(E,)`` masks ``frozen_experts`` / ``frozen_router_rows`` of the layers with frozen experts
+  (``riemix.core.freezing``; absent otherwise, and an adapter without them loads all-unfrozen);
 - ``adapter_config.json``: format name and version, the full ``MoELoRAConfig``, a fingerprint of the base
   model (class name and, per wrapped module, its in/out features, expert count and rank: the dimensions
-  the table's shapes are computed from; and the SHA-256 of the original weight it wraps, so an adapter is
+  the table's shapes are computed from, the rank being the stacked one R; a module whose experts have
+  different ranks also records them, ``expert_ranks``, one per expert, and a module of uniform rank is
+  written exactly as before they could differ; and the SHA-256 of the original weight it wraps, so an adapter is
   not silently loaded onto another checkpoint of the same architecture: ``riemix.io.fingerprint``) and
   the SHA-256 of the tensor file.
 
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from riemix.core.config import MoELoRAConfig
+from riemix.core.freezing import frozen_state_dict, load_frozen_state, split_frozen_state
 from riemix.core.init import restore_pissa
 from riemix.core.layer import is_conv1d, is_linear_like
 from riemix.core.state import BUFFER_SUFFIXES, adapter_state_dict, adapter_tensor_shapes
@@ -81,6 +86,8 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
             "weight_sha256": digest,
             "weight_dtype": dtype,
         }
+        if layer.rank_scale is not None:  # mixed ranks (riemix.core.dynamic); rank is their maximum R
+            modules[name]["expert_ranks"] = list(layer.expert_ranks)
     return {"model_class": type(model).__name__, "modules": modules}
 
 
@@ -111,6 +118,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
         raise ValueError("model has no MoE-LoRA adapters to save; call add_moe_lora first")
     out = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    tensors.update(frozen_state_dict(model))  # only layers with frozen experts: (E,) bool masks
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a diverged model must not replace a good adapter
         raise ValueError(f"refusing to save the adapter to {out}: non-finite values (NaN or inf) in {bad[:3]}")
@@ -198,13 +206,37 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         info = require(modules, name, dict, "base_model.modules.")
         for field in ("in_features", "out_features", "num_experts", "rank"):
             require(info, field, int, f"base_model.modules.{name}.")
+        _check_expert_ranks(info, f"{cfg_path}: base_model.modules.{name}.expert_ranks")
     if meta.get("runtime") is not None:
         require(meta, "runtime", dict, "")
     return meta
 
 
+def _check_expert_ranks(info: dict[str, Any], where: str) -> None:
+    """A module's optional ``expert_ranks``: ``num_experts`` ints >= 1 whose maximum is its ``rank``."""
+    ranks = info.get("expert_ranks")
+    if ranks is None:
+        return
+    ok = isinstance(ranks, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
+    if not ok or len(ranks) != info["num_experts"] or max(ranks) != info["rank"]:
+        raise AdapterError(
+            f"{where} must list num_experts={info['num_experts']} ints >= 1 whose maximum is rank={info['rank']}, "
+            f"got {ranks!r}"
+        )
+
+
+def _module_ranks(info: dict[str, Any]) -> int | list[int]:
+    """A module's saved expert ranks: its list for mixed ranks, else its one rank."""
+    return info.get("expert_ranks") or info["rank"]
+
+
 def _config_from_meta(meta: dict[str, Any]) -> MoELoRAConfig:
     data = dict(meta["config"])
+    if data.get("rank") is None:  # saved from a callable: rebuild a per-layer list (the rank layers start with)
+        ranks: dict[int, int] = {}
+        for name, info in meta["base_model"]["modules"].items():
+            ranks[layer_index(name) or 0] = (info.get("expert_ranks") or [info["rank"]])[0]
+        data["rank"] = [ranks.get(i, max(ranks.values())) for i in range(max(ranks) + 1)]
     if data.get("num_experts") is None:  # saved from a callable: rebuild a per-layer list
         by_layer: dict[int, int] = {}
         for name, info in meta["base_model"]["modules"].items():
@@ -243,7 +275,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
     """Add the adapters saved at ``path`` to a plain base model (in place) and return it.
 
     The restored A, B and router tensors are bit-identical to the saved ones (cast only when the base
-    model's adapter dtype differs). Adapter parameters are trainable, everything else frozen.
+    model's adapter dtype differs). Adapter parameters are trainable, everything else frozen; the frozen
+    experts of the saved layers are frozen again (none for an adapter saved without frozen experts).
 
     Args:
         base_model: The plain base model (no adapters).
@@ -283,6 +316,10 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise AdapterError(f"{weights}: cannot read adapter weights: {exc}") from exc
+    try:  # optional: the frozen-expert masks (taken out of ``tensors``)
+        frozen = split_frozen_state(tensors, {n: info["num_experts"] for n, info in saved_modules.items()})
+    except ValueError as exc:
+        raise AdapterError(f"{weights}: {exc}") from exc
     expected: dict[str, tuple[int, ...]] = {}
     for name, info in saved_modules.items():
         expected.update(
@@ -300,19 +337,21 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
             bad = int((~torch.isfinite(tensors[key])).sum())
             raise AdapterError(f"{weights}: {key} holds {bad} non-finite value(s) (NaN or inf): a diverged run?")
     counts = {n: info["num_experts"] for n, info in saved_modules.items()}
+    ranks = {n: _module_ranks(info) for n, info in saved_modules.items()}
     if config.init == "pissa":  # build plain layers, then rebuild the residual from the saved factors
-        add_moe_lora(base_model, dataclasses.replace(config, init="zero_b"), counts)
+        add_moe_lora(base_model, dataclasses.replace(config, init="zero_b"), counts, ranks)
         base_model.moe_lora_config = config
         for name, layer in iter_moe_lora_layers(base_model):
             restore_pissa(layer, tensors[f"{name}.pissa_down"], tensors[f"{name}.pissa_up"])
     else:
-        add_moe_lora(base_model, config, counts)
+        add_moe_lora(base_model, config, counts, ranks)
     params = adapter_state_dict(base_model)
     buffers = tuple(f".{suffix}" for suffix in BUFFER_SUFFIXES)  # rebuilt above, not copied
     with torch.no_grad():
         for key, value in tensors.items():
             if not key.endswith(buffers):
                 params[key].copy_(value)
+    load_frozen_state(base_model, frozen)
     runtime = meta.get("runtime") or {}
     for _, layer in iter_moe_lora_layers(base_model):
         layer.scale_factor = float(runtime.get("scale_factor", 1.0))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from riemix.core.layer import iter_moe_lora_layers
 from riemix.io.adapter import save_adapter
 from riemix.io.fileio import atomic_write, atomic_write_json, clean_stale_temp_dirs, publish_dir, sibling_temp_path
 
@@ -137,6 +138,7 @@ def save_checkpoint(
         state = {
             "step": step,
             "trainable": trainable,
+            "expert_ages": _expert_ages(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
@@ -201,8 +203,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _expert_ages(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The expert ages (``MoELoRALinear.expert_age``) of the layers with maturity routing, by layer name."""
+    return {n: layer.expert_age.cpu().clone() for n, layer in iter_moe_lora_layers(model) if layer.maturity.after_steps}
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore trainable tensors, optimizer, scheduler and RNG from a checkpoint directory.
+    """Restore trainable tensors, expert ages, optimizer, scheduler and RNG from a checkpoint directory.
 
     The file is read and verified (:func:`read_checkpoint`) before anything is changed.
 
@@ -223,9 +230,16 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
                 f"{Path(path) / STATE_NAME}: {name} has shape {tuple(value.shape)}, the model's is "
                 f"{tuple(params[name].shape)}"
             )
+    layers = dict(iter_moe_lora_layers(model))
+    ages = state.get("expert_ages") or {}  # maturity routing's ages (none in checkpoints written before it)
+    for name, value in ages.items():
+        if name not in layers or tuple(value.shape) != tuple(layers[name].expert_age.shape):
+            raise CheckpointError(f"{Path(path) / STATE_NAME}: expert ages of {name!r} do not fit the model's layers")
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
+        for name, value in ages.items():
+            layers[name].expert_age.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -9,6 +9,16 @@ A step (``RiemannianOptimizer.step``) runs in this order:
    writes it where it reads it;
 3. per group: the subclass's elementwise update (``_update_group``).
 
+Frozen rows (continual learning, ``RiemannianOptimizer.track_frozen``): a stacked parameter's rows along
+dim 0 that a tracked source (a ``MoELoRALinear``: its frozen experts and router rows) holds fixed.  Their
+gradient rows are zeroed in the working grads before clipping (so they neither count in a group's grad norm
+nor reach the preconditioner, which is per expert anyway), and the rows of the parameter and of every
+optimizer-state tensor of its shape (AdamW's moments, SGD's momentum buffer) are copied aside before the
+update and written back after it: exact (bit-identical, whatever the kernel, weight decay or momentum did to
+those rows) and cheap (it touches the frozen rows only).  State rows created by the step stay zero.  The
+per-tensor step count of AdamW still advances, so after unfreezing the expert resumes from the moments it
+had when frozen, with the bias correction of the current step count.
+
 With ``reference_compat``, AdamW defers B: its preconditioner is built and applied after A was updated.
 ``.grad`` is never modified. The optimizer keeps the preconditioner's plan (its Gram and inverse buffers,
 and the buffers of preconditioned gradients the update asks for) between steps; it is not part of the
@@ -128,6 +138,11 @@ def _register_pairs(lora_pairs: Iterable, owned: set[Tensor]) -> list[tuple[Tens
     return pairs
 
 
+def _row_state(value: Any, param: Tensor) -> bool:
+    """Whether an optimizer-state entry holds one value per element of ``param`` (moments, momentum)."""
+    return isinstance(value, Tensor) and value.shape == param.shape
+
+
 class RiemannianOptimizer(Optimizer):
     """Base class: pair registry, grad clipping, preconditioning of paired factors, two-phase update.
 
@@ -149,18 +164,79 @@ class RiemannianOptimizer(Optimizer):
         self._pairs: list[tuple[Tensor, Tensor]] = _register_pairs(lora_pairs, owned)
         self._plans: dict[tuple, Any] = {}  # preconditioner plans and their buffers; not in state_dict
         self._scratch: dict[tuple, Tensor] = {}  # the update's own reusable buffers; not in state_dict
+        self._frozen_sources: list[Any] = []  # objects with frozen_parameter_rows() (track_frozen)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_pairs": self._pairs}
+        return {**super().__getstate__(), "_pairs": self._pairs, "_frozen_sources": self._frozen_sources}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pairs", [])
+        self.__dict__.setdefault("_frozen_sources", [])
         self._plans, self._scratch = {}, {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         validate_options({**self.defaults, **param_group})
         super().add_param_group(param_group)
+
+    def track_frozen(self, *sources: Any) -> None:
+        """Hold the frozen rows of ``sources`` fixed in every later ``step`` (see the module docstring).
+
+        A source has a ``frozen_parameter_rows()`` method returning ``(parameter, rows)`` pairs, ``rows`` an
+        int64 index tensor along the parameter's dim 0 (``MoELoRALinear``: its frozen experts and router
+        rows).  It is read at every step, so freezing or unfreezing later needs no new optimizer; pairs whose
+        parameter the optimizer does not own are ignored.  ``build_optimizer`` tracks every MoE-LoRA layer.
+
+        Args:
+            *sources: the objects to track (each tracked once however often it is passed).
+
+        Raises:
+            TypeError: a source has no ``frozen_parameter_rows`` method (its type named).
+        """
+        for source in sources:
+            if not callable(getattr(source, "frozen_parameter_rows", None)):
+                raise TypeError(
+                    f"track_frozen needs objects with a frozen_parameter_rows() method (e.g. a MoELoRALinear), "
+                    f"got {type(source).__name__}"
+                )
+        known = {id(s) for s in self._frozen_sources}
+        for source in sources:
+            if id(source) not in known:
+                known.add(id(source))
+                self._frozen_sources.append(source)
+
+    def _frozen_rows(self) -> dict[Tensor, Tensor]:
+        """param -> its frozen row indices ``(F,)`` on its device, for owned params with a grad and frozen rows."""
+        rows: dict[Tensor, Tensor] = {}
+        for source in self._frozen_sources:
+            for p, index in source.frozen_parameter_rows():
+                if p.grad is None:
+                    continue
+                index = index.to(p.device)
+                rows[p] = index if p not in rows else torch.unique(torch.cat([rows[p], index]))  # (F,)
+        if rows:
+            owned = {p for group in self.param_groups for p in group["params"]}
+            rows = {p: index for p, index in rows.items() if p in owned}
+        return rows
+
+    def _save_frozen(self, frozen: dict[Tensor, Tensor]) -> list[tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]:
+        """``(param, rows, its frozen rows, {state key: their rows})`` before the update (copies)."""
+        saved = []
+        for p, index in frozen.items():
+            state = self.state.get(p, {})
+            rows = {k: v.index_select(0, index) for k, v in state.items() if _row_state(v, p)}
+            saved.append((p, index, p.index_select(0, index), rows))
+        return saved
+
+    def _restore_frozen(self, saved: list[tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]) -> None:
+        """Write the saved rows back into the params and their state (state created by this step: zeros)."""
+        for p, index, value, rows in saved:
+            p.index_copy_(0, index, value)
+            for key, v in self.state.get(p, {}).items():
+                if _row_state(v, p) and key in rows:
+                    v.index_copy_(0, index, rows[key])
+                elif _row_state(v, p):  # created by this step: the frozen rows keep the initial zeros
+                    v.index_fill_(0, index, 0)
 
     def _prepare_grads(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Hook applied to the (clipped) raw grads before preconditioning."""
@@ -187,7 +263,9 @@ class RiemannianOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = self._working_grads()
+        frozen = self._frozen_rows() if self._frozen_sources else {}
+        grads = self._working_grads(frozen)
+        saved = self._save_frozen(frozen) if frozen else None
         now, later = self._jobs(grads)
         precondition_grads_(now, grads, self._plans, defer=True)
         later_params = {job.param for job in later}
@@ -195,10 +273,15 @@ class RiemannianOptimizer(Optimizer):
         if later:  # reference_compat: B's preconditioner from the already-updated A
             precondition_grads_(later, grads, self._plans, defer=True)
             self._apply(grads, lambda p: p in later_params)
+        if saved:
+            self._restore_frozen(saved)
         return loss
 
-    def _working_grads(self) -> dict[Tensor, Tensor | DeferredGrad]:
-        """param -> its clipped, prepared grad, for every param that has one (``p.grad`` is never mutated)."""
+    def _working_grads(self, frozen: dict[Tensor, Tensor] | None = None) -> dict[Tensor, Tensor | DeferredGrad]:
+        """param -> its clipped, prepared grad, for every param that has one (``p.grad`` is never mutated).
+
+        The rows ``frozen[p]`` of a grad are zeroed (out of place) before clipping.
+        """
         grads: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -207,6 +290,8 @@ class RiemannianOptimizer(Optimizer):
             gs = [p.grad for p in params]
             if any(g.is_sparse for g in gs):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if frozen:
+                gs = [g.index_fill(0, frozen[p], 0) if p in frozen else g for p, g in zip(params, gs, strict=True)]
             if group["max_grad_norm"] is not None:
                 gs = clip_grads(gs, group["max_grad_norm"])
             grads.update(zip(params, self._prepare_grads(group, params, gs), strict=True))

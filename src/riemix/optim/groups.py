@@ -78,7 +78,9 @@ def build_optimizer(
     logits; gate_lr, max_grad_norm = gate_max_grad_norm) and ``other`` (lr; e.g. expert scale
     vectors). Weight decay is the same for every group, router included.
     A and B of a layer are paired (by identity) only when both are trainable; an unpaired factor gets
-    the plain update.
+    the plain update. Every MoE-LoRA layer is tracked for frozen experts (``RiemannianOptimizer.track_frozen``):
+    experts frozen with ``MoELoRALinear.freeze_expert`` / ``riemix.freeze_experts``, before or after the
+    optimizer is built, stay bit-identical through its steps.
 
     Args:
         model: Model containing ``MoELoRALinear`` layers.
@@ -125,4 +127,6 @@ def build_optimizer(
     else:
         options.update(momentum=momentum)
     options.update(kwargs)
-    return cls(groups, **options)
+    optimizer = cls(groups, **options)
+    optimizer.track_frozen(*(layer for _, layer in iter_moe_lora_layers(model)))
+    return optimizer

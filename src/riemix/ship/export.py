@@ -120,8 +120,9 @@ def check_exportable(model: nn.Module, merge: bool = False) -> None:
 
     Raises:
         ValueError: not a transformers causal LM class, no MoE-LoRA layer, a layer whose routing mode
-            the modeling file does not implement (or, with ``merge``, whose gates depend on the input),
-            or non-finite adapter tensors; each names the class, layers or modes.
+            the modeling file does not implement (or, with ``merge``, whose gates depend on the input), a layer
+            with experts of different ranks or immature experts (without ``merge``), or non-finite adapter
+            tensors; each names the class, layers or modes.
     """
     import transformers
 
@@ -140,6 +141,19 @@ def check_exportable(model: nn.Module, merge: bool = False) -> None:
         raise ValueError(
             f"cannot export routing mode(s) {modes} (layers {list(unsupported)[:3]}); the exported modeling "
             f"file implements {EXPORT_ROUTING_MODES}"
+        )
+    mixed = [(n, layer.expert_ranks) for n, layer in layers if layer.rank_scale is not None]
+    if mixed and not merge:
+        raise ValueError(
+            f"cannot export {len(mixed)} layer(s) whose experts have different ranks (e.g. {mixed[0][0]} with "
+            f"expert_ranks={mixed[0][1]}): the exported modeling file scales every expert of a layer alike"
+        )
+    young = [n for n, layer in layers if layer.routing_now().immature]
+    if young and not merge:
+        raise ValueError(
+            f"cannot export {len(young)} layer(s) with immature experts (e.g. {young[0]}): they route densely "
+            "(maturity routing), the exported modeling file routes with each layer's own mode; train until the "
+            "experts are mature or mark them mature (MoELoRALinear.mark_mature)"
         )
     if merge and (left := unmergeable_layers(model)):
         raise ValueError(
