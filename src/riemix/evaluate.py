@@ -154,6 +154,7 @@ def evaluate_model(
     max_length: int = 256,
     progress: bool = True,
     force: bool = False,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     """Load a base model (with an adapter, or zero-shot without) and evaluate it on a dataset.
 
@@ -172,6 +173,7 @@ def evaluate_model(
         max_length: Longest tokenised example, in tokens.
         progress: Show a progress bar of the examples scored.
         force: Load the adapter even onto base weights that differ from those it was trained on.
+        quantization: Load the base quantized by bitsandbytes (``nf4``, ``fp4``, ``int8``); none: full precision.
 
     Returns:
         ``{"dataset": name, "split": split, "examples": count, **metrics}``.
@@ -187,7 +189,9 @@ def evaluate_model(
     ds = load_dataset(dataset, split, data_dir)
     if subset:
         ds = ds.subset(subset, seed=0)
-    base, tokenizer = load_model(model, task=model_kind, num_labels=num_labels_for(ds, model_kind))
+    base, tokenizer = load_model(
+        model, task=model_kind, num_labels=num_labels_for(ds, model_kind), quantization=quantization
+    )
     if adapter:
         load_adapter(base, adapter, force=force)
     spec = TaskSpec.for_dataset(

@@ -230,3 +230,19 @@ def test_to_dict_writes_callable_rank_as_none_and_maturity_only_when_set():
     assert (data["mature_after_steps"], data["maturity_temperature"], data["rank"]) == (10, 2.0, [2, 3])
     assert "maturity_anneal_steps" not in data
     assert MoELoRAConfig.from_dict(data) == cfg
+
+
+def test_max_experts_and_capacity_policy_are_validated_and_written_only_when_set():
+    with pytest.raises(ValueError, match=r"max_experts must be >= num_experts of every layer \(4\) or None, got 3"):
+        MoELoRAConfig(num_experts=[2, 4], top_k=1, max_experts=3)
+    with pytest.raises(ValueError, match=r"max_experts must be >= num_experts of every layer \(None\) or None, got 0"):
+        MoELoRAConfig(num_experts=lambda i: 2, top_k=1, max_experts=0)
+    with pytest.raises(ValueError, match=r"max_experts must be an int or null, got 4.0"):
+        MoELoRAConfig(max_experts=4.0)
+    with pytest.raises(ValueError, match=r"max_experts must be >= num_experts \(5\) of layer 3, got 4"):
+        MoELoRAConfig(num_experts=lambda i: 2 + i, top_k=1, max_experts=4).experts_for_layer(3)
+    with pytest.raises(ValueError, match=r"capacity_policy must be one of \('error', 'merge', 'evict'\), got 'lru'"):
+        MoELoRAConfig(capacity_policy="lru")
+    assert not {"max_experts", "capacity_policy"} & set(MoELoRAConfig().to_dict())
+    cfg = MoELoRAConfig(num_experts=4, max_experts=6, capacity_policy="merge")
+    assert MoELoRAConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["max_experts"] == 6

@@ -86,3 +86,21 @@ def test_regex_items_in_a_target_list():
         ValueError, match=r"matched 'transformer.wte', which is a Embedding, not an nn.Linear or Conv1D"
     ):
         add_moe_lora(_tiny_gpt2(), MoELoRAConfig(target_modules=["re:transformer.wte"]))
+
+
+def test_a_gpt2_adapter_with_global_routing_merges_into_its_conv1d_weights():
+    from riemix import merge_adapter
+
+    model = _tiny_gpt2(dtype=torch.float64)
+    cfg = MoELoRAConfig(num_experts=2, top_k=1, rank=2, routing="global", target_modules=["c_attn", "c_fc"])
+    add_moe_lora(model, cfg)
+    with torch.no_grad():
+        for _, layer in iter_moe_lora_layers(model):
+            layer.lora_B.normal_()
+            layer.global_gate.normal_()
+        adapted = model(_ids()).logits
+    merge_adapter(model)
+    assert not list(iter_moe_lora_layers(model))
+    assert all(isinstance(model.get_submodule(f"transformer.h.{i}.attn.c_attn"), Conv1D) for i in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, adapted, rtol=0, atol=1e-10)

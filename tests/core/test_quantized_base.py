@@ -293,3 +293,13 @@ def test_remove_moe_lora_gives_the_quantized_base_back():
     assert model[0] is base
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+def test_merging_into_a_quantized_base_is_refused():
+    from riemix import merge_adapter
+
+    torch.manual_seed(0)
+    base = nn.Sequential(_bnb_linear("nf4", torch.randn(32, 64)))
+    add_moe_lora(base, MoELoRAConfig(num_experts=1, top_k=1, rank=2, routing="global", target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"cannot merge into a quantized base \(1 layer\(s\), e.g. '0'\)"):
+        merge_adapter(base)

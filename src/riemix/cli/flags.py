@@ -31,7 +31,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from riemix.core.config import EXPERT_COMPUTE_MODES, INIT_MODES, ROUTING_MODES, MoELoRAConfig, allowed_types
+from riemix.core.config import (
+    CAPACITY_POLICIES,
+    EXPERT_COMPUTE_MODES,
+    INIT_MODES,
+    ROUTING_MODES,
+    MoELoRAConfig,
+    allowed_types,
+)
 from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MODEL_KINDS
@@ -71,6 +78,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "routing": ROUTING_MODES,
     "init": INIT_MODES,
     "expert_compute": EXPERT_COMPUTE_MODES,
+    "capacity_policy": CAPACITY_POLICIES,
     "optimizer": _Caseless(OPTIMIZER_NAMES),
     "model_kind": MODEL_KINDS,
     "format": FORMATS,

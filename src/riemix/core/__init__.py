@@ -11,6 +11,8 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
     init.py          the adapter initialisations (zero_b, gaussian, orthogonal, pissa, small_b)
     maturity.py      maturity routing: dense while an expert is young (the routing in force from the ages)
     growth.py        grow_layer: one more expert without changing the output (MoELoRALinear.add_expert)
+    geometry.py      Gram / cosine similarity / singular values / effective rank of the expert factors
+    capacity.py      max_experts: merge / evict experts to free a slot for a new one (capacity_policy)
     dynamic.py       per-expert ranks, add_expert and the maturity state (a mixin of MoELoRALinear)
     layer.py         MoELoRALinear, iter_moe_lora_layers
     tuner.py         add_moe_lora: find and wrap the targeted nn.Linear modules; remove_moe_lora undoes it
@@ -18,13 +20,14 @@ Nothing here imports ``transformers``, ``accelerate`` or any other riemix tier (
     freezing.py      freeze_experts / unfreeze_experts over a model; the frozen masks in the adapter format
     summary.py       trainable_parameters: trainable parameter counts by kind (A, B, router, other)
     schedules.py     LR multiplier, scale warm-up, router temperature, set_training_progress
-    geometry.py      Gram / cosine similarity / singular values / effective rank of the expert factors
     regularizers.py  auxiliary losses, inject_gradients, apply_regularizers over a model
 
 The import graph inside the tier runs top to bottom in that list (config first, regularizers last).
 """
 
+from riemix.core.capacity import CapacityAction, merge_experts
 from riemix.core.config import (
+    CAPACITY_POLICIES,
     DENSE_MODES,
     EXPERT_COMPUTE_MODES,
     INIT_MODES,
@@ -53,6 +56,7 @@ from riemix.core.tuner import add_moe_lora, find_target_modules, layer_index, li
 
 __all__ = [
     "ADAPTER_TENSORS",
+    "CAPACITY_POLICIES",
     "DENSE_MODES",
     "EXPERT_COMPUTE_MODES",
     "INIT_MODES",
@@ -62,6 +66,7 @@ __all__ = [
     "ROUTING_MODES",
     "SPARSE_MAX_DENSITY",
     "TOPK_MODES",
+    "CapacityAction",
     "MoELoRAConfig",
     "MoELoRALinear",
     "RouteSpec",
@@ -80,6 +85,7 @@ __all__ = [
     "layer_index",
     "linear_names",
     "linear_schedule",
+    "merge_experts",
     "moe_lora_linear",
     "reference_moe_lora_linear",
     "regularizer_terms",

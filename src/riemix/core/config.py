@@ -24,6 +24,7 @@ __all__ = [
     "INIT_MODES",
     "REGULARIZER_MODES",
     "EXPERT_COMPUTE_MODES",
+    "CAPACITY_POLICIES",
     "allowed_types",
     "check_field_types",
 ]
@@ -42,6 +43,9 @@ REGULARIZER_MODES = ("loss", "inject")
 #: How a layer computes its experts (``MoELoRAConfig.expert_compute``): chosen by shape, every expert for
 #: every token, or only the selected (token, expert) pairs (``riemix.core.sparse``).
 EXPERT_COMPUTE_MODES = ("auto", "dense", "sparse")
+#: What growth does on a layer at ``MoELoRAConfig.max_experts`` (``riemix.core.capacity``): refuse, merge the
+#: two most similar low-usage experts into one slot, or evict the least-used expert.
+CAPACITY_POLICIES = ("error", "merge", "evict")
 
 ExpertCount = int | Sequence[int] | Callable[[int], int]
 
@@ -117,6 +121,12 @@ class MoELoRAConfig:
         maturity_temperature: Router temperature of that dense routing (None: ``router_temperature``).
         maturity_anneal_steps: After the youngest expert matures, the temperature moves linearly from
             ``maturity_temperature`` to ``router_temperature`` over this many steps (0: at once).
+        max_experts: Capacity of every adapted layer for growth (``riemix.grow_experts``, ``add_expert``):
+            at most this many experts per layer, >= the ``num_experts`` of every layer (None: unbounded).
+        capacity_policy: What growth does on a layer at ``max_experts`` (``riemix.core.capacity``):
+            ``"error"`` (raise), ``"merge"`` (merge the two most similar low-usage experts into one slot,
+            their weight deltas summed, and give the freed slot to the new expert) or ``"evict"`` (the
+            least-used expert's slot goes to the new expert).  Frozen experts are never merged or evicted.
     """
 
     num_experts: ExpertCount = 8
@@ -143,6 +153,8 @@ class MoELoRAConfig:
     mature_after_steps: int = 0
     maturity_temperature: float | None = None
     maturity_anneal_steps: int = 0
+    max_experts: int | None = None
+    capacity_policy: str = "error"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -252,6 +264,11 @@ class MoELoRAConfig:
         temp = self.maturity_temperature
         if temp is not None and not temp > 0:
             raise ValueError(f"maturity_temperature must be > 0 or None, got {temp!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"capacity_policy must be one of {CAPACITY_POLICIES}, got {self.capacity_policy!r}")
+        cap, most = self.max_experts, self._static_max_experts()
+        if cap is not None and (cap < 1 or (most is not None and cap < most)):
+            raise ValueError(f"max_experts must be >= num_experts of every layer ({most}) or None, got {cap!r}")
         if self.mature_after_steps and self.init == "pissa":
             raise ValueError(
                 f"mature_after_steps must be 0 with init='pissa' (its experts are placed for the routing "
@@ -263,6 +280,13 @@ class MoELoRAConfig:
             return self.num_experts
         if isinstance(self.num_experts, list):
             return min(self.num_experts)
+        return None
+
+    def _static_max_experts(self) -> int | None:
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        if isinstance(self.num_experts, list):
+            return max(self.num_experts)
         return None
 
     @property
@@ -297,7 +321,7 @@ class MoELoRAConfig:
         """Number of experts for the block ``layer_index`` (None: a module outside the blocks).
 
         Raises:
-            ValueError: if the resolved count is invalid or smaller than ``top_k``.
+            ValueError: if the resolved count is invalid, smaller than ``top_k`` or above ``max_experts``.
         """
         idx = 0 if layer_index is None else layer_index
         if isinstance(self.num_experts, int):
@@ -313,6 +337,8 @@ class MoELoRAConfig:
             _check_experts(e, f"num_experts({idx})")
         if self.routing not in DENSE_MODES and self.top_k > e:
             raise ValueError(f"top_k must be in 1..num_experts ({e}) for layer {idx}, got {self.top_k}")
+        if self.max_experts is not None and e > self.max_experts:
+            raise ValueError(f"max_experts must be >= num_experts ({e}) of layer {idx}, got {self.max_experts}")
         return int(e)
 
     def to_dict(self) -> dict[str, Any]:
@@ -413,5 +439,11 @@ def _per_layer(value: Any, name: str) -> int | list[int] | Callable[[int], int]:
 
 
 #: Fields ``to_dict`` leaves out while they hold their defaults (added after the adapter format was fixed).
-_OMIT_AT_DEFAULT = ("mature_after_steps", "maturity_temperature", "maturity_anneal_steps")
+_OMIT_AT_DEFAULT = (
+    "mature_after_steps",
+    "maturity_temperature",
+    "maturity_anneal_steps",
+    "max_experts",
+    "capacity_policy",
+)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoELoRAConfig) if f.name in _OMIT_AT_DEFAULT}

@@ -13,6 +13,9 @@ the same, which keeps the computation of a uniform layer exactly as before).
 **Growth.**  ``add_expert`` adds an expert without changing what the layer computes for the tokens it does
 not take (``riemix.core.growth``).
 
+**Capacity.**  With ``max_experts`` set, ``add_expert`` on a full layer applies ``capacity_policy``: an
+error, or merging / evicting experts to free a slot for the new one (``riemix.core.capacity``).
+
 **Maturity.**  ``expert_age`` counts each expert's optimizer steps (``riemix.core.schedules.advance_maturity``);
 with ``set_maturity(after_steps > 0)`` a layer with an expert younger than that routes densely
 (``riemix.core.maturity``); ``routing_now`` is the routing the forward applies.
@@ -25,6 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from riemix.core.capacity import CapacityAction, add_at_capacity, check_capacity
 from riemix.core.config import DENSE_MODES
 from riemix.core.growth import grow_layer
 from riemix.core.maturity import MaturityPolicy, MaturityRouting, check_maturity_policy, maturity_routing
@@ -58,10 +62,20 @@ class DynamicExpertsMixin:
         rank_scale: ``(E,)`` buffer of sᵢ/s₀ folded into B, or None while every rank is the same.
         expert_age: ``(E,)`` int64 buffer: optimizer steps each expert has trained.
         maturity: the ``MaturityPolicy`` (``set_maturity``).
+        max_experts: at most this many experts (None: unbounded); ``capacity_policy`` applies beyond.
+        capacity_policy: ``"error"``, ``"merge"`` or ``"evict"`` (``riemix.core.capacity``).
     """
 
-    def _init_dynamic(self, ranks: list[int], maturity: MaturityPolicy, device: torch.device) -> None:
-        """Register the buffers (after the parameters exist) and take the rank list and maturity policy."""
+    def _init_dynamic(
+        self,
+        ranks: list[int],
+        maturity: MaturityPolicy,
+        device: torch.device,
+        max_experts: int | None = None,
+        capacity_policy: str = "error",
+    ) -> None:
+        """Register the buffers (after the parameters exist); take the ranks, maturity and capacity policies."""
+        self.max_experts, self.capacity_policy = check_capacity(max_experts, capacity_policy, len(ranks))
         self.register_buffer("rank_scale", None, persistent=False)
         self.register_buffer("expert_age", torch.zeros(len(ranks), dtype=torch.int64, device=device), persistent=False)
         self._ages_seen: tuple[object, int | None, list[int]] | None = None  # (buffer, version, ages)
@@ -97,8 +111,17 @@ class DynamicExpertsMixin:
         return torch.arange(self.rank, device=self.lora_A.device) < ranks.unsqueeze(1)  # (E, R)
 
     # ------------------------------------------------------------------ growth
-    def add_expert(self, rank: int | None = None) -> int:
+    def add_expert(
+        self,
+        rank: int | None = None,
+        usage: torch.Tensor | None = None,
+        capacity_log: list[CapacityAction] | None = None,
+    ) -> int:
         """Add one expert (E → E+1) without changing the layer's output where it takes no token.
+
+        At ``max_experts`` the ``capacity_policy`` applies instead (``riemix.core.capacity``): an error, or a
+        merge / eviction whose freed slot takes the new expert (E unchanged; the other experts' outputs are
+        unchanged, not the layer's).
 
         The stacked parameters (``lora_A``, ``lora_B``, the router weight or global gate, ``expert_scale``)
         are replaced by new Parameters one expert larger (and wider if ``rank`` > R) holding the old values;
@@ -108,14 +131,22 @@ class DynamicExpertsMixin:
 
         Args:
             rank: the new expert's rank (None: ``expert_ranks[0]``, the rank the layer was created with).
+            usage: ``(E,)`` expert usage for a capacity action (None: ``riemix.core.capacity.expert_usage``).
+            capacity_log: a list the ``CapacityAction`` is appended to, if one is taken.
 
         Returns:
-            The new expert's index (the old ``num_experts``).
+            The new expert's index (the old ``num_experts``, or the reused slot at capacity).
 
         Raises:
-            ValueError: a bad ``rank``, or a PiSSA layer.
+            ValueError: a bad ``rank`` or ``usage``, a PiSSA layer, or a full layer whose policy is
+                ``"error"`` or which has too few unfrozen experts.
         """
-        return grow_layer(self, rank)
+        if self.max_experts is None or self.num_experts < self.max_experts:
+            return grow_layer(self, rank)
+        record = add_at_capacity(self, rank, usage)
+        if capacity_log is not None:
+            capacity_log.append(record)
+        return record.slot
 
     def _expert_added(self, rank: int) -> None:
         """Bookkeeping of ``grow_layer`` once the parameters have grown: E, ranks, top-k, age (new: 0)."""

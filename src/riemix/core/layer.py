@@ -150,6 +150,8 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         expert_age: ``(E,)`` int64 buffer: optimizer steps each expert has trained (``advance_age``); with
             ``maturity.after_steps`` > 0 a layer with a younger expert routes densely (``routing_now``,
             ``set_maturity``, ``mark_mature``; ``riemix.core.maturity``).
+        max_experts, capacity_policy: growth capacity and what ``add_expert`` does at it
+            (``riemix.core.capacity``).
         scale_factor: multiplier of s in [0, 1] (scale warm-up; see ``riemix.core.schedules.set_scale_progress``).
         router_temperature: current router temperature T (see ``riemix.core.schedules.set_router_temperature``).
         router_noise_std: std of the selection noise added to the logits in training mode.
@@ -192,6 +194,8 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         mature_after_steps: int = 0,
         maturity_temperature: float | None = None,
         maturity_anneal_steps: int = 0,
+        max_experts: int | None = None,
+        capacity_policy: str = "error",
     ) -> None:
         """Wrap ``base_layer``; the arguments are ``MoELoRAConfig``'s fields of the same names, except:
 
@@ -270,7 +274,8 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         self.record_routing = False
         self.last_router_logits: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
-        self._init_dynamic(ranks, maturity, weight.device)  # expert_ranks, rank, scaling, expert_age
+        # expert_ranks, rank, scaling, expert_age, max_experts, capacity_policy
+        self._init_dynamic(ranks, maturity, weight.device, max_experts, capacity_policy)
         self.reset_adapter_parameters(init, router_init_std)
 
     @property

@@ -70,7 +70,7 @@ def merged_weight(layer: MoELoRALinear) -> torch.Tensor:
         lora_b = layer.effective_lora_b().detach().to(f64)  # (E, out, r): σᵢ ⊙ Bᵢ as the forward forms it
         lora_a = layer.lora_A.detach().to(f64)  # (E, r, in)
         delta = torch.einsum("e,eor,eri->oi", coef, lora_b, lora_a)  # (out, in)
-        weight = layer.base_layer.weight
+        weight = layer.base_weight  # (out, in) (a Conv1D's transposed view); refused for a quantized base
         return (weight.detach().to(f64) + delta.to(weight.device)).to(weight.dtype)  # (out, in)
 
 
@@ -110,7 +110,8 @@ def merge_adapter(model: nn.Module, strict: bool = True) -> nn.Module:
     Args:
         model: a model carrying MoE-LoRA adapters.
         strict: refuse (True) or leave in place (False, with a warning naming them) the layers whose
-            gates depend on the input; ``unmergeable_layers`` lists them beforehand.
+            gates depend on the input; ``unmergeable_layers`` lists them beforehand.  A quantized base
+            (bitsandbytes) is refused: merging needs full-precision weights.
 
     Returns:
         The same ``model`` (the merged ``nn.Linear`` itself when ``model`` is a ``MoELoRALinear``).
@@ -122,6 +123,12 @@ def merge_adapter(model: nn.Module, strict: bool = True) -> nn.Module:
     layers = list(iter_moe_lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE-LoRA adapters (no MoELoRALinear module) to merge")
+    quantized = [name for name, layer in layers if layer.quantized_base]
+    if quantized:  # adding a delta to packed 4-bit / int8 codes would be wrong, not approximate
+        raise ValueError(
+            f"cannot merge into a quantized base ({len(quantized)} layer(s), e.g. {quantized[0]!r}): load the "
+            "base in full precision (no quantization) and load the adapter onto it to merge"
+        )
     left = unmergeable_layers(model)
     if left and strict:
         raise ValueError(
@@ -132,7 +139,9 @@ def merge_adapter(model: nn.Module, strict: bool = True) -> nn.Module:
     merged = [(name, layer) for name, layer in layers if name not in left]
     for name, layer in merged:
         base = layer.base_layer
-        base.weight = nn.Parameter(merged_weight(layer), requires_grad=base.weight.requires_grad)
+        weight = merged_weight(layer)  # (out, in)
+        weight = weight.t().contiguous() if layer.transposed else weight  # a Conv1D stores (in, out)
+        base.weight = nn.Parameter(weight, requires_grad=base.weight.requires_grad)
         if name == "":  # the model is itself the layer
             return base
         _set_submodule(model, name, base)

@@ -144,6 +144,11 @@ def add_moe_lora(
     ranks = {
         name: (ranks_per_module or {}).get(name) or config.rank_for_layer(layer_index(name)) for name in targets
     }
+    over = [name for name in targets if config.max_experts is not None and counts[name] > config.max_experts]
+    if over:
+        raise ValueError(
+            f"max_experts must be >= the {counts[over[0]]} experts of {over[0]!r}, got {config.max_experts}"
+        )
     quantized = [name for name in targets if is_quantized_linear(model.get_submodule(name))]
     if quantized and config.init == "pissa":
         kind = type(model.get_submodule(quantized[0])).__name__
@@ -181,6 +186,8 @@ def add_moe_lora(
             mature_after_steps=config.mature_after_steps,
             maturity_temperature=config.maturity_temperature,
             maturity_anneal_steps=config.maturity_anneal_steps,
+            max_experts=config.max_experts,
+            capacity_policy=config.capacity_policy,
         )
         layer.scale_factor = scale_warmup_factor(0, config.scale_warmup_steps)
         layer.train(base.training)  # follow the wrapped module's mode (dropout / selection noise)

@@ -83,8 +83,7 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
             "out_features": layer.out_features,
             "num_experts": layer.num_experts,
             "rank": layer.rank,
-            "weight_sha256": digest,
-            "weight_dtype": dtype,
+            **({"weight_sha256": digest, "weight_dtype": dtype} if digest is not None else {}),
         }
         if layer.rank_scale is not None:  # mixed ranks (riemix.core.dynamic); rank is their maximum R
             modules[name]["expert_ranks"] = list(layer.expert_ranks)
@@ -260,7 +259,10 @@ def _check_base(model: nn.Module, meta: dict[str, Any], cfg_path: Path) -> None:
         if not is_linear_like(module):
             problems.append(f"module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
             continue
-        out_f, in_f = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
+        if is_conv1d(module):  # weight (in, out)
+            out_f, in_f = module.weight.shape[::-1]
+        else:  # nn.Linear, or a quantized linear whose packed weight has another shape
+            out_f, in_f = module.out_features, module.in_features
         if (in_f, out_f) != (info["in_features"], info["out_features"]):
             problems.append(
                 f"module {name!r} has shape in={in_f}, out={out_f}; "

@@ -35,12 +35,15 @@ def weight_digest(weight: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def layer_weight_digest(layer) -> tuple[str, str]:
+def layer_weight_digest(layer) -> tuple[str | None, str]:
     """``(sha256, dtype)`` of the original weight a ``MoELoRALinear`` wraps (cached while it is unchanged).
 
     For ``init="pissa"`` the base holds the residual; the original W is rebuilt exactly from the factors
-    and the kept rounding fixes first.
+    and the kept rounding fixes first.  A quantized base (bitsandbytes) is not fingerprinted: its packed
+    bytes and scales depend on the quantizer, not only on the checkpoint (``(None, "quantized")``).
     """
+    if getattr(layer, "quantized_base", False):
+        return None, "quantized"
     pinned = getattr(layer, "base_weight_digest", None)  # fixed before the base was sharded (FSDP2)
     if pinned is not None:
         return pinned
@@ -90,6 +93,8 @@ def check_base_weights(model: nn.Module, modules: dict[str, Any], where: Path, f
             continue
         weight = model.get_submodule(name).weight
         dtype = getattr(torch, info.get("weight_dtype", ""), None)
+        if not weight.is_floating_point() or (dtype is not None and not dtype.is_floating_point):
+            continue  # a quantized base, here or when saved: packed codes are not comparable (not fingerprinted)
         if dtype is not None and dtype != weight.dtype:
             if torch.finfo(weight.dtype).bits < torch.finfo(dtype).bits:  # cannot recover the wider values
                 unverifiable.append(

@@ -8,12 +8,12 @@ the plain SGD / AdamW update. Modules:
 - ``base``: validation, LoRA pair registry, grad clipping and the two-phase step shared by both optimizers;
 - ``rsgd`` / ``radamw``: ``RiemannianSGD`` / ``RiemannianAdamW``;
 - ``groups``: ``build_optimizer`` (param groups of a MoE-LoRA model) and ``OPTIMIZER_NAMES``;
-- ``growth``: ``grow_experts`` (one more expert per layer, the optimizer's state carried along) and
-  ``replace_parameters``.
+- ``growth``: ``grow_experts`` (one more expert per layer, the optimizer's state carried along; capacity
+  actions at ``max_experts``), ``replace_parameters`` and ``reset_expert_state``.
 """
 
 from riemix.optim.groups import OPTIMIZER_NAMES, build_optimizer
-from riemix.optim.growth import grow_experts, replace_parameters
+from riemix.optim.growth import grow_experts, replace_parameters, reset_expert_state
 from riemix.optim.radamw import RiemannianAdamW
 from riemix.optim.rsgd import RiemannianSGD
 
@@ -24,4 +24,5 @@ __all__ = [
     "build_optimizer",
     "grow_experts",
     "replace_parameters",
+    "reset_expert_state",
 ]
