@@ -353,6 +353,23 @@ def distributed_section(rec: dict) -> list[str]:
     return [*lines, ""]
 
 
+def quantization_section(rec: dict) -> list[str]:
+    """The default job, shortened, on an fp32 and an NF4 base (``benchmarks/quantization.py``)."""
+    lines = [
+        "## Quantized base (CPU): SmolLM2-135M, SST-2, fp32 vs NF4",
+        "",
+        f"`benchmarks/quantization.py`: the default job for {rec['steps']} steps, accuracy on a fixed "
+        f"{rec['eval_subset']}-example dev subset ({rec['date'][:10]}).",
+        "",
+        "| base | accuracy before | after | tokens/s | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rec["rows"].items():
+        acc = f"{r['before']['accuracy']:.4f} | {r['after']['accuracy']:.4f}"
+        lines.append(f"| {name} | {acc} | {r['tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    return [*lines, ""]
+
+
 def _memory(dtype: str):
     return lambda rec: memory_section(rec, _before(f"layer_memory_{dtype}.json"))
 
@@ -370,6 +387,7 @@ SECTIONS = (
     ("e2e_throughput.json", e2e_section),
     ("compile_check.json", compile_section),
     ("distributed.json", distributed_section),
+    ("quantization.json", quantization_section),
 )
 
 
