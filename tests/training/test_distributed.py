@@ -35,8 +35,14 @@ def _run(argv: list[str], processes: int, cwd: Path) -> subprocess.CompletedProc
         cmd = [sys.executable, "-m", "riemix", *argv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master-port={_free_port()}", "-m", "riemix", *argv]  # fmt: skip
+               f"--master-port={_free_port()}", "--tee=3", "-m", "riemix", *argv]  # fmt: skip
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _failure(run: subprocess.CompletedProcess) -> str:
+    """What a failed run said: every process's own error lines (``--tee`` prefixes them with its rank)."""
+    own = [line for line in run.stderr.splitlines() if line.startswith("[")]
+    return "\n".join(own[-60:]) or run.stderr[-3000:]
 
 
 def _sft_files(folder: Path) -> tuple[Path, Path]:
@@ -66,7 +72,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     one = _run(["train", "--config", str(cfg), "--batch-size", "4", "--output-dir", "one"], 1, tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     two = _run(["train", "--config", str(cfg), "--batch-size", "2", "--output-dir", "two"], 2, tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two)
     assert "global batch: 2 per process × 2 process(es) × 2 accumulation = 8 examples per step" in two.stdout
     # The default optimizer (Riemannian AdamW) on the adapters: equal up to the order of float sums. (q/k
     # projections are left out: at B = 0 their gradients are rounding noise, which Adam scales up.)
@@ -86,7 +92,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     # FSDP2: the base sharded, the adapters whole on each process: the same adapters again
     fsdp = _run(["train", "--config", str(cfg), "--batch-size", "2", "--output-dir", "fsdp", "--fsdp"], 2, tmp_path)
-    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    assert fsdp.returncode == 0, _failure(fsdp)
     c = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     for key in a:
         assert (a[key] - c[key]).abs().max() <= 1e-5 * a[key].abs().max(), key

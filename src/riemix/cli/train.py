@@ -9,6 +9,7 @@ the file's value, else the default.  ``--resume`` without ``--config`` starts fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from riemix.cli.flags import ADAPTER_OPTIONS, add_adapter_options, add_options, dataclass_options, given_values
@@ -58,5 +59,22 @@ def run(ns: argparse.Namespace) -> int:
         cfg = TrainConfig.from_yaml(saved, opts)
     else:
         cfg = TrainConfig.from_dict(opts, source="command line")
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave a multi-process run together: wait for every process, then close the process group.
+
+    Without it the first process to exit can tear the group's connections down while another is still
+    finishing, and that one aborts (gloo) instead of exiting 0.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a failed peer: the error that got us here is the one to report
+            dist.barrier()
+        dist.destroy_process_group()
