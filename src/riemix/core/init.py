@@ -39,6 +39,7 @@ from riemix.core.routing import route
 
 __all__ = [
     "initialise_layer",
+    "bit_pattern",
     "initial_gates",
     "orthogonal_rows",
     "pissa_factors",
@@ -175,14 +176,14 @@ def pissa_residual(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bit_pattern(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bit patterns as integers of the same width (NaN payloads and -0.0 included)."""
     return t.detach().contiguous().view(_INT_OF_SIZE[t.element_size()])
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors have the same dtype, shape and bit pattern (stricter than ``torch.equal``)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bit_pattern(a), bit_pattern(b))
 
 
 def _add_back(residual: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ def pissa_fixes(
         values there (``weight``'s dtype), both 1-D.
     """
     back = _add_back(residual, down, up)  # (out, in)
-    miss = (_bits(back) != _bits(weight)).reshape(-1)  # (out·in,)
+    miss = (bit_pattern(back) != bit_pattern(weight)).reshape(-1)  # (out·in,)
     index = miss.nonzero().squeeze(1)  # (n_miss,)
     if weight.numel() < 2**31:
         index = index.to(torch.int32)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from riemix.core.layer import MoELoRALinear, iter_moe_lora_layers
+from riemix.core.tuner import forget_adapter, set_submodule
 
 __all__ = ["constant_gates", "merge_adapter", "merged_weight", "unmergeable_layers"]
 
@@ -86,12 +87,6 @@ def unmergeable_layers(model: nn.Module) -> dict[str, str]:
     return {name: layer.routing for name, layer in iter_moe_lora_layers(model) if constant_gates(layer) is None}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _describe(left: dict[str, str]) -> str:
     shown = ", ".join(f"{name} (routing={routing!r})" for name, routing in list(left.items())[:5])
     return shown + (f", ... ({len(left) - 5} more)" if len(left) > 5 else "")
@@ -144,15 +139,9 @@ def merge_adapter(model: nn.Module, strict: bool = True) -> nn.Module:
         base.weight = nn.Parameter(weight, requires_grad=base.weight.requires_grad)
         if name == "":  # the model is itself the layer
             return base
-        _set_submodule(model, name, base)
+        set_submodule(model, name, base)
     if left:
         _log.warning("merge_adapter: %d layer(s) left unmerged (input-dependent gates): %s", len(left), _describe(left))
         return model
-    flags = getattr(model, "moe_lora_requires_grad", None) or {}
-    for name, param in model.named_parameters():
-        if name in flags:
-            param.requires_grad_(flags[name])
-    for attr in ("moe_lora_config", "moe_lora_requires_grad"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    forget_adapter(model)
     return model

@@ -33,11 +33,13 @@ __all__ = [
     "ADAPTED_MODEL_HOOKS",
     "add_moe_lora",
     "find_target_modules",
+    "forget_adapter",
     "iter_moe_lora_layers",
     "layer_index",
     "linear_names",
     "remove_moe_lora",
     "set_record_routing",
+    "set_submodule",
 ]
 
 _log = logging.getLogger("riemix")
@@ -103,7 +105,7 @@ def find_target_modules(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -193,7 +195,7 @@ def add_moe_lora(
         layer.train(base.training)  # follow the wrapped module's mode (dropout / selection noise)
         if layer.init_info == "per_expert":
             joint_fallback.append(name)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     if joint_fallback:
         _log.warning(
             "init='orthogonal': experts x rank exceeds in_features in %d module(s) (e.g. %s); their A rows "
@@ -265,7 +267,14 @@ def remove_moe_lora(model: nn.Module) -> nn.Module:
     if layers[0][0] == "":  # the model is itself a MoELoRALinear (modules are listed parent first)
         return layers[0][1].base_layer
     for name, layer in layers:
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
+    forget_adapter(model)
+    return model
+
+
+def forget_adapter(model: nn.Module) -> None:
+    """Once no adapter layer is left: restore the ``requires_grad`` flags ``add_moe_lora`` recorded and delete
+    its ``moe_lora_config`` / ``moe_lora_requires_grad`` attributes (``remove_moe_lora``, ``merge_adapter``)."""
     flags = getattr(model, "moe_lora_requires_grad", None) or {}
     for name, param in model.named_parameters():
         if name in flags:
@@ -273,7 +282,6 @@ def remove_moe_lora(model: nn.Module) -> nn.Module:
     for attr in ("moe_lora_config", "moe_lora_requires_grad"):
         if hasattr(model, attr):
             delattr(model, attr)
-    return model
 
 
 def set_record_routing(model: nn.Module, enabled: bool = True) -> None:

@@ -17,7 +17,6 @@ Nothing here imports ``transformers``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from riemix.core.freezing import load_frozen_state, split_frozen_state
 from riemix.core.layer import iter_moe_lora_layers
 from riemix.core.state import ADAPTER_TENSORS, BUFFER_SUFFIXES, adapter_state_dict
 from riemix.io.adapter import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config, save_adapter
-from riemix.io.fileio import atomic_write
+from riemix.io.fileio import atomic_write, file_sha256
 from riemix.io.fingerprint import layer_weight_digest
 
 __all__ = [
@@ -110,13 +109,6 @@ def is_save_protected(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------- adapter-only trainer directories
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _adapter_ids(model: nn.Module) -> set[int]:
     """``id`` of every adapter tensor of the model's layers (``adapter_state_dict`` holds detached views)."""
@@ -166,7 +158,7 @@ def save_trainer_adapter(model: nn.Module, output_dir: str | os.PathLike, extra:
         moves = []
         if trainable:
             written = atomic_write(tmp / TRAINABLE_NAME, lambda t: save_file(trainable, t, metadata={"format": "pt"}))
-            meta_extra["trainable_sha256"] = _sha256(written)
+            meta_extra["trainable_sha256"] = file_sha256(written)
             moves.append(TRAINABLE_NAME)
         save_adapter(model, tmp / "adapter", extra=meta_extra)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -263,7 +255,7 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
     cfg_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights}: adapter weights not found")
-    if _sha256(weights) != meta["weights_sha256"]:
+    if file_sha256(weights) != meta["weights_sha256"]:
         raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
     _check_layers(model, meta["base_model"]["modules"], cfg_path)
     buffers = tuple(f".{suffix}" for suffix in BUFFER_SUFFIXES)  # PiSSA factors: fixed by the base, not trained
@@ -277,7 +269,7 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
     trainable_file = path / TRAINABLE_NAME
     trainable, saved = _extra_trainables(model), {}
     if extra.get("trainable_sha256") is not None:
-        if not trainable_file.is_file() or _sha256(trainable_file) != extra["trainable_sha256"]:
+        if not trainable_file.is_file() or file_sha256(trainable_file) != extra["trainable_sha256"]:
             raise AdapterError(f"{trainable_file}: missing or corrupt (checksum mismatch with {cfg_path})")
         saved = _read_tensors(trainable_file)
     _check_tensors(params, tensors, weights)

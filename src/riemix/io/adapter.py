@@ -26,7 +26,6 @@ replaces a good adapter.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ from riemix.io.fileio import (
     atomic_write,
     atomic_write_json,
     clean_stale_temp_dirs,
+    file_sha256,
     publish_dir,
     recover_dir,
     sibling_temp_path,
@@ -65,13 +65,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 class AdapterError(ValueError):
     """An adapter directory is missing, corrupt, or does not fit the base model."""
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -139,7 +132,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any
             "format_version": FORMAT_VERSION,
             "config": config.to_dict(),
             "base_model": fingerprint,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": file_sha256(weights),
             "extra": extra or {},
             "runtime": _runtime_state(model),
         }
@@ -298,7 +291,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights}: adapter weights not found")
-    if _sha256(weights) != meta.get("weights_sha256"):
+    if file_sha256(weights) != meta.get("weights_sha256"):
         raise AdapterError(f"{weights}: checksum mismatch; the file is corrupt or does not belong to {cfg_path}")
     _check_base(base_model, meta, cfg_path)
     try:

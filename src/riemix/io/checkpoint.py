@@ -12,7 +12,6 @@ previous intact checkpoint of the same run, saying so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -27,7 +26,14 @@ from torch import nn
 
 from riemix.core.layer import iter_moe_lora_layers
 from riemix.io.adapter import save_adapter
-from riemix.io.fileio import atomic_write, atomic_write_json, clean_stale_temp_dirs, publish_dir, sibling_temp_path
+from riemix.io.fileio import (
+    atomic_write,
+    atomic_write_json,
+    clean_stale_temp_dirs,
+    file_sha256,
+    publish_dir,
+    sibling_temp_path,
+)
 
 __all__ = [
     "CheckpointError",
@@ -92,14 +98,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -145,7 +143,7 @@ def save_checkpoint(
             "extra": extra,
         }
         atomic_write(tmp / STATE_NAME, lambda t: torch.save(state, t))  # a full disk is reported as ENOSPC
-        manifest = {"step": step, "run_id": extra.get("run_id"), "trainer_state_sha256": _sha256(tmp / STATE_NAME)}
+        manifest = {"step": step, "run_id": extra.get("run_id"), "trainer_state_sha256": file_sha256(tmp / STATE_NAME)}
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         publish_dir(tmp, final)
     except BaseException:
@@ -187,7 +185,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         expected = manifest["trainer_state_sha256"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_file}: corrupt checkpoint manifest: {exc!r}") from exc
-    if _sha256(state_file) != expected:
+    if file_sha256(state_file) != expected:
         raise CheckpointError(f"{state_file}: checksum mismatch: the file is truncated or corrupt")
     try:  # tensors, containers, numbers and NumPy's RNG state array only: a crafted file cannot run code
         with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
@@ -208,10 +206,13 @@ def _expert_ages(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: layer.expert_age.cpu().clone() for n, layer in iter_moe_lora_layers(model) if layer.maturity.after_steps}
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Restore trainable tensors, expert ages, optimizer, scheduler and RNG from a checkpoint directory.
 
-    The file is read and verified (:func:`read_checkpoint`) before anything is changed.
+    The file is read and verified (:func:`read_checkpoint`) before anything is changed, unless ``state``
+    is what :func:`read_checkpoint` already returned for ``path`` (a caller that inspected it first).
 
     Returns:
         The saved state's ``{"step", "extra"}``.
@@ -219,7 +220,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler) ->
     Raises:
         CheckpointError: as :func:`read_checkpoint`, or trainable tensors that differ from the model's.
     """
-    state = read_checkpoint(path)
+    state = read_checkpoint(path) if state is None else state
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
         diff = sorted(set(params) ^ set(state["trainable"]))

@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ __all__ = [
     "atomic_write_text",
     "clean_stale_temp_dirs",
     "discard_dir",
+    "file_sha256",
     "fsync_tree",
     "publish_dir",
     "recover_dir",
@@ -108,6 +110,15 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
     except OSError:
         return False
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

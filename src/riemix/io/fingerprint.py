@@ -20,18 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from riemix.core.init import pissa_original
+from riemix.core.init import bit_pattern, pissa_original
 
 __all__ = ["check_base_weights", "layer_weight_digest", "pin_weight_digests", "weight_digest"]
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 def weight_digest(weight: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (any dtype, bf16 included), with its shape and dtype."""
     t = weight.detach().to("cpu").contiguous()
     digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.view(_INT_OF_SIZE[t.element_size()]).numpy().tobytes())
+    digest.update(bit_pattern(t).numpy().tobytes())
     return digest.hexdigest()
 
 

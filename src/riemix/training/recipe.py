@@ -219,16 +219,16 @@ def _resume_or_start(state: TrainState) -> None:
             raise FileNotFoundError(f"--resume: no intact checkpoint of this run under {out / 'checkpoints'}")
     else:
         ckpt = Path(cfg.resume)
-        saved_id = read_checkpoint(ckpt)["run_id"]
-        if None not in (saved_id, run.run_id) and saved_id != run.run_id:
-            raise ValueError(f"--resume {ckpt}: written by run {saved_id}, not by the run in {out} ({run.run_id})")
-    world, saved_world = state.accel.num_processes, read_checkpoint(ckpt)["extra"].get("world_size", 1)
+    saved = read_checkpoint(ckpt)  # read and verified once, then checked and applied
+    if None not in (saved["run_id"], run.run_id) and saved["run_id"] != run.run_id:
+        raise ValueError(f"--resume {ckpt}: written by run {saved['run_id']}, not by the run in {out} ({run.run_id})")
+    world, saved_world = state.accel.num_processes, saved["extra"].get("world_size", 1)
     if saved_world != world:  # the batch order and each process's shard depend on it
         raise ValueError(
             f"--resume {ckpt}: written by a run of {saved_world} process(es), this one has {world}; resume with "
             f"{saved_world} (the data order and the per-process batches depend on it)"
         )
-    loaded = load_checkpoint(ckpt, state.model, state.optimizer, state.scheduler)
+    loaded = load_checkpoint(ckpt, state.model, state.optimizer, state.scheduler, saved)
     state.start_step, state.extra = loaded["step"], loaded["extra"]
     if state.is_main:
         dropped = truncate_metrics(out / "metrics.jsonl", state.start_step)
