@@ -167,3 +167,15 @@ def test_sharded_evaluation_gathers_predictions_in_dataset_order(tmp_path):
     assert sharded == evaluate(tm, ds, spec, tiny_tokenizer(), 4)
     preds = predict(tm, ds, spec, tiny_tokenizer(), 4)["preds"]
     assert 0 < sharded["accuracy"] < 1 and len(preds) == 23  # a non-trivial score: the order matters
+
+
+def test_transformer_blocks_are_the_longest_list_of_same_typed_modules():
+    from torch import nn
+
+    from riemix.training.sharding import transformer_blocks
+    from tests.helpers import make_tiny_llama
+
+    model = make_tiny_llama()
+    assert transformer_blocks(model) == list(model.model.layers)
+    with pytest.raises(ValueError, match=r"fsdp: found no list of transformer blocks in Sequential to shard"):
+        transformer_blocks(nn.Sequential(nn.Linear(2, 2)))

@@ -161,3 +161,14 @@ def test_resume_from_a_checkpoint_of_another_run_is_refused(tmp_path):
     run_id = json.loads((tmp_path / "b" / RUN_FILE).read_text())["run_id"]
     assert find_resumable(tmp_path / "b", run_id, said.append).name == "step-000002"
     assert "step-000009 (written by run" in said[0]
+
+
+def test_a_lock_that_keeps_reappearing_is_reported(tmp_path, monkeypatch):
+    def taken(*args, **kwargs):
+        raise FileExistsError(17, "File exists")  # another writer wins every race, then lets go
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(rundir, "check_output_dir", lambda path: path)  # its own probe file uses os.open
+    monkeypatch.setattr(rundir.os, "open", taken)
+    with pytest.raises(ValueError, match=r"could not lock output_dir .*run: .*\.riemix\.lock kept reappearing"):
+        open_run(_cfg(tmp_path / "run"))

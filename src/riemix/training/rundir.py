@@ -195,6 +195,8 @@ def _acquire_lock(path: Path, run_id: str | None, log) -> None:
             except (OSError, ValueError):
                 held = {}
             pid, where = held.get("pid"), held.get("host")
+            if not held and not lock.exists():  # released between our attempt and the read: try again
+                continue
             if isinstance(pid, int) and where == host and not _pid_alive(pid):
                 log(f"warning: removing the stale lock of process {pid} (no longer running) in {path}")
             elif not held and time.time() - lock.stat().st_mtime > 60:
