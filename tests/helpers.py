@@ -194,6 +194,18 @@ def train_straight_and_resumed(make_cfg: Callable, tmp_path: Path, checkpoint: s
     return tuple(load_adapter(make_tiny_llama(), tmp_path / run / "adapter") for run in ("straight", "resumed"))
 
 
+def lm_steps(model, optimizer, steps, after_step=None) -> None:
+    """One optimizer step of the tiny Llama's LM loss per ``step`` (inputs seeded with the step);
+    ``after_step(model, step)`` runs after each (e.g. ``advance_maturity``)."""
+    for step in steps:
+        inputs = tiny_inputs(seed=step)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(model, step)
+
+
 def first_step_regularizers(cfg) -> dict[str, float]:
     """The unweighted regulariser values of a tiny run's first step, computed outside the trainer.
 

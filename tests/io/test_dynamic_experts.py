@@ -14,18 +14,9 @@ from riemix.core.state import adapter_state_dict
 from riemix.core.tuner import iter_moe_lora_layers
 from riemix.io.adapter import AdapterError, read_adapter_config
 from riemix.io.checkpoint import load_checkpoint, save_checkpoint
-from tests.helpers import make_tiny_llama, tiny_inputs
+from tests.helpers import lm_steps, make_tiny_llama, tiny_inputs
 
 Q0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
-
-
-def train(model, optimizer, steps):
-    for step in steps:
-        inputs = tiny_inputs(seed=step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        advance_maturity(model, step)
 
 
 def grown_model(**cfg):
@@ -34,11 +25,11 @@ def grown_model(**cfg):
     config = MoELoRAConfig(num_experts=[2, 3], top_k=1, rank=4, routing="softmax_topk", **cfg)
     add_moe_lora(model, config)
     opt = build_optimizer(model, "radamw", lr=1e-3)
-    train(model, opt, range(2))
+    lm_steps(model, opt, range(2), advance_maturity)
     riemix.grow_experts(model, opt, rank=8, modules=[Q0])
     riemix.grow_experts(model, opt, rank=1, modules=[Q0, V1])
     riemix.grow_experts(model, opt, modules=[V1])
-    train(model, opt, range(2, 4))
+    lm_steps(model, opt, range(2, 4), advance_maturity)
     return model, opt
 
 
@@ -134,8 +125,8 @@ def test_a_checkpoint_of_a_grown_model_round_trips_bit_exactly(tmp_path):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
             assert torch.equal(opt2.state[q][key], value) if torch.is_tensor(value) else opt2.state[q][key] == value
-    train(model, opt, [4])
-    train(fresh, opt2, [4])
+    lm_steps(model, opt, [4], advance_maturity)
+    lm_steps(fresh, opt2, [4], advance_maturity)
     assert_same_adapter(model, fresh)
 
 

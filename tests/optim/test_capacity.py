@@ -8,7 +8,7 @@ import torch
 from riemix.core.config import MoELoRAConfig
 from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers
 from riemix.optim import build_optimizer, grow_experts
-from tests.helpers import make_tiny_llama, tiny_inputs
+from tests.helpers import lm_steps, make_tiny_llama
 
 OPTIMIZERS = {
     "adamw": dict(name="adamw", lr=1e-3, weight_decay=0.1),
@@ -21,14 +21,6 @@ def adapted(policy, **kw):
     cfg = MoELoRAConfig(num_experts=3, top_k=2, rank=2, expert_scales=True, max_experts=3, capacity_policy=policy)
     add_moe_lora(model, cfg, **kw)
     return model
-
-
-def train(model, optimizer, steps):
-    for step in steps:
-        inputs = tiny_inputs(seed=step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
 
 def stacked(layer):
@@ -50,7 +42,7 @@ def corner(t, like):
 def test_capacity_actions_reset_only_the_slots_involved(kind, policy, rank):
     model = adapted(policy)
     opt = build_optimizer(model, **OPTIMIZERS[kind])
-    train(model, opt, range(2))
+    lm_steps(model, opt, range(2))
     layers = dict(iter_moe_lora_layers(model))
     before = {n: (moments(opt, m), [p.detach().clone() for p in stacked(m)]) for n, m in layers.items()}
     usage = {n: torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64) for n in layers}  # low: {1, 2}
@@ -72,7 +64,7 @@ def test_capacity_actions_reset_only_the_slots_involved(kind, policy, rank):
                 assert not value[list(touched)].any(), (name, key)  # reset
             kept = [i for i in range(3) if i not in touched]
             assert torch.equal(corner(p.detach(), old_p)[kept], old_p[kept])
-    train(model, opt, range(2, 3))  # training continues on the updated optimizer
+    lm_steps(model, opt, range(2, 3))  # training continues on the updated optimizer
 
 
 def test_a_refusal_changes_nothing():

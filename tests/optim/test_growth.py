@@ -13,7 +13,7 @@ from riemix.core.config import MoELoRAConfig
 from riemix.core.schedules import advance_maturity
 from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers
 from riemix.optim import RiemannianAdamW, build_optimizer, replace_parameters
-from tests.helpers import make_tiny_llama, tiny_inputs
+from tests.helpers import lm_steps, make_tiny_llama
 
 OPTIMIZERS = {
     "adamw": dict(name="adamw", lr=1e-3, weight_decay=0.1),
@@ -28,14 +28,6 @@ def make_optimizer(model, kind):
     if kind == "torch_adamw":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
     return build_optimizer(model, **OPTIMIZERS[kind])
-
-
-def train(model, optimizer, steps):
-    for step in steps:
-        inputs = tiny_inputs(seed=step)
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
 
 def adapted(top_k=1, **kw):
@@ -57,13 +49,13 @@ def test_after_growth_the_old_experts_continue_bit_identically(kind):
     """Top-1 routing: the new expert (mean router row) is never selected, so it receives no gradient."""
     straight = adapted()
     opt = make_optimizer(straight, kind)
-    train(straight, opt, range(3))
+    lm_steps(straight, opt, range(3))
     grown = copy.deepcopy(straight)
     opt_grown = make_optimizer(grown, kind)
     opt_grown.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's AdamW would share its step tensors
     riemix.grow_experts(grown, opt_grown)
-    train(straight, opt, range(3, 6))
-    train(grown, opt_grown, range(3, 6))
+    lm_steps(straight, opt, range(3, 6))
+    lm_steps(grown, opt_grown, range(3, 6))
     for (name, old), (_, new) in zip(iter_moe_lora_layers(straight), iter_moe_lora_layers(grown), strict=True):
         assert new.num_experts == 4 and not new.lora_B[3].any()
         for role, p in layer_tensors(old).items():
@@ -81,13 +73,13 @@ def test_after_growth_the_old_experts_continue_bit_identically(kind):
 def test_growth_to_a_larger_rank_continues_the_old_experts_up_to_rounding(kind):
     straight = adapted()
     opt = make_optimizer(straight, kind)
-    train(straight, opt, range(2))
+    lm_steps(straight, opt, range(2))
     grown = copy.deepcopy(straight)
     opt_grown = make_optimizer(grown, kind)
     opt_grown.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's AdamW would share its step tensors
     riemix.grow_experts(grown, opt_grown, rank=8)
-    train(straight, opt, range(2, 5))
-    train(grown, opt_grown, range(2, 5))
+    lm_steps(straight, opt, range(2, 5))
+    lm_steps(grown, opt_grown, range(2, 5))
     for (_, old), (_, new) in zip(iter_moe_lora_layers(straight), iter_moe_lora_layers(grown), strict=True):
         assert new.expert_ranks == [4, 4, 4, 8] and new.rank == 8
         for role, p in layer_tensors(old).items():
@@ -104,11 +96,11 @@ def test_a_grown_expert_trains_under_maturity_routing_and_the_padding_stays_zero
     for _, layer in iter_moe_lora_layers(model):
         layer.mark_mature()
     opt = make_optimizer(model, kind)
-    train(model, opt, range(2))
+    lm_steps(model, opt, range(2))
     riemix.grow_experts(model, opt, rank=2)  # a smaller rank: expert 3 uses 2 of the R = 4 slots
     assert advance_maturity(model, 0) == 8  # one immature expert in each of the 8 layers
     for step in range(2, 5):
-        train(model, opt, [step])
+        lm_steps(model, opt, [step])
         advance_maturity(model, step)
     for _, layer in iter_moe_lora_layers(model):
         assert layer.lora_B[3].abs().sum() > 0  # it was routed to (densely) and learned
@@ -146,7 +138,7 @@ def test_replace_parameters_moves_groups_state_pairs_and_drops_plans():
 def test_grow_experts_unwraps_an_optimizer_wrapper():
     model = adapted()
     opt = make_optimizer(model, "adamw")
-    train(model, opt, range(1))
+    lm_steps(model, opt, range(1))
 
     class Wrapper:  # like accelerate's AcceleratedOptimizer
         def __init__(self, optimizer):

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from riemix.data.records import Dataset
 
-__all__ = ["HEAD_NAMES", "load_model", "num_labels_for"]
+__all__ = ["HEAD_NAMES", "load_model", "no_progress_bars", "num_labels_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,26 +115,35 @@ _REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_re
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' progress bars and its load report (riemix logs its own summary).
-
-    Other transformers warnings are left alone.
-    """
+def no_progress_bars() -> Iterator[None]:
+    """Hide transformers' progress bars (shard loading and writing) for the duration."""
     from transformers.utils import logging as hf_logging
 
-    report_filter = _DropLoadReport()
-    for name in _REPORT_LOGGERS:
-        logging.getLogger(name).addFilter(report_filter)
     bars = hf_logging.is_progress_bar_enabled()
     if bars:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        for name in _REPORT_LOGGERS:
-            logging.getLogger(name).removeFilter(report_filter)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars and its load report (riemix logs its own summary).
+
+    Other transformers warnings are left alone.
+    """
+    report_filter = _DropLoadReport()
+    for name in _REPORT_LOGGERS:
+        logging.getLogger(name).addFilter(report_filter)
+    try:
+        with no_progress_bars():
+            yield
+    finally:
+        for name in _REPORT_LOGGERS:
+            logging.getLogger(name).removeFilter(report_filter)
 
 
 def _auto_class(task: str) -> Any:

@@ -19,13 +19,11 @@ plain model of the base architecture (no remote code).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from torch import nn
 
 from riemix.core.layer import iter_moe_lora_layers
 from riemix.core.merge import merge_adapter, unmergeable_layers
+from riemix.hub.loading import no_progress_bars
 from riemix.io.fileio import atomic_write_json, atomic_write_text, publish_dir, sibling_temp_path
 from riemix.ship.loading import load_adapted
 
@@ -207,28 +206,13 @@ def export_spec(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Hide transformers' progress bars (the shard writer's) for the duration."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if bars:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _write(model: nn.Module, tokenizer: Any, tmp: Path, merge: bool) -> None:
     """Write the export's files into the (new, empty) directory ``tmp``."""
     spec = None if merge else export_spec(model)
     base_class = type(model).__name__
     if merge:
         model = merge_adapter(model)
-    with _no_progress_bars():
+    with no_progress_bars():
         # the class's method: the modeling file reads riemix's module names, which an adapted model's own
         # save_pretrained refuses to write (riemix.integrations.protect_save_pretrained)
         type(model).save_pretrained(model, tmp)
