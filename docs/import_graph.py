@@ -39,10 +39,10 @@ ALLOWED: dict[str, set[str]] = {
     "evaluate": {"data", "hub", "io", "metrics", "tasks"},
     "diagnostics": {"core", "hub", "io"},
     "training": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "tasks"},
-    "continual": {"core", "data", "hub", "io", "tasks"},  # novelty detection and replay (dynamic experts)
+    "continual": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "tasks", "training"},  # dynamic experts: detect, grow, replay; the continual recipe
     "ship": {"core", "hub", "io"},  # merge (core), load (hub) and write (io): export and generation
     "integrations": {"core", "diagnostics", "io", "optim"},  # transformers.Trainer / TRL: the recipe's step
-    "cli": {"core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "ship", "tasks", "training"},
+    "cli": {"continual", "core", "data", "diagnostics", "evaluate", "hub", "io", "optim", "ship", "tasks", "training"},
     # hub: load_model, ship: export_model, integrations: RiemixTrainer & co., each imported on first use
     "riemix": {"core", "hub", "integrations", "io", "optim", "ship"},
     "__main__": {"cli"},

@@ -71,7 +71,7 @@ def test_every_config_field_is_documented(cls):
 
 def test_every_option_of_every_subcommand_has_a_help_line_and_its_own_dest():
     subs = subparsers()
-    assert set(subs) == {"train", "eval", "inspect", "check-init", "data", "export", "generate"}
+    assert set(subs) == {"train", "continual", "eval", "inspect", "check-init", "data", "export", "generate"}
     for name, parser in subs.items():
         actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
         for action in actions:

@@ -4,6 +4,7 @@ parameters it sets (``riemix.cli.flags``).
 riemix train                                  # the default job (SmolLM2-135M on SST-2)
 riemix train --config configs/paper.yaml --lr 2e-5 --output-dir runs/x
 riemix train --output-dir runs/x --resume     # continue that run from its newest intact checkpoint
+riemix continual --stream dbpedia,amazon,agnews --data-dir cl_benchmark   # continual learning
 riemix eval --model smollm2-135m --adapter runs/x/adapter --dataset glue/sst2
 riemix inspect runs/x                         # routing/expert diagnostics: tables + plots
 riemix check-init smollm2-135m --init pissa   # does the adapter init change the model's outputs?
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from riemix.cli import check_init as check_init_command
+from riemix.cli import continual as continual_command
 from riemix.cli import data as data_command
 from riemix.cli import eval as eval_command
 from riemix.cli import export as export_command
@@ -39,6 +41,7 @@ __all__ = ["build_parser", "main"]
 #: The subcommand modules, in the order ``--help`` lists them.
 COMMANDS = (
     train_command,
+    continual_command,
     eval_command,
     inspect_command,
     check_init_command,

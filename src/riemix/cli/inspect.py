@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from riemix.cli.flags import add_options, function_options, given_values
+from riemix.continual.report import format_continual
 from riemix.diagnostics.inspect import inspect_run
 
 __all__ = ["DESCRIPTION", "HELP", "NAME", "OPTIONS", "add_arguments", "run"]
@@ -29,6 +32,10 @@ def run(ns: argparse.Namespace) -> int:
     """Print the tables and the paths of the plots written (or why none was); returns 0."""
     result = inspect_run(**given_values(ns, OPTIONS))
     print(result["text"])
+    results = Path(ns.run_dir) / "results.json"
+    if results.is_file():  # a continual run: its matrix, decisions and per-skill expert usage
+        print()
+        print(format_continual(json.loads(results.read_text(encoding="utf-8"))))
     for path in result["plots"]:
         print(f"wrote {path}")
     if result["plots_skipped"]:

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["embed_texts"]
+__all__ = ["adapters_off", "embed_texts"]
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base inside the block: each MoE-LoRA layer calls only its ``base_layer``.
+
+    The novelty detector embeds every skill with the same frozen base, so centroids stored early stay
+    comparable with data embedded after the adapters have trained.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "expert_ranks")]
+    for layer in layers:
+        layer.forward = layer.base_layer.forward  # an instance attribute shadows the class's forward
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @torch.no_grad()
