@@ -6,6 +6,8 @@ Candidates, all on the same frozen ``nn.Linear`` and the same input (which requi
 - ``riemix``: ``MoELoRALinear`` (fused experts, gate-rescaled backward, softmax-top-k routing);
 - ``loop``: the paper-style per-expert Python loop with the same routing and gate rescaling;
 - ``peft_lora``: PEFT ``LoraLayer`` with rank E·r (the same number of adapter parameters in A/B);
+- ``riemix_mixed_rank``: ``MoELoRALinear`` whose experts have ranks r/2, r, 3r/2 in turn (as after growing
+  experts of another rank; stacked at the largest rank with exact zero padding);
 - with ``--paths``: ``riemix_dense`` and ``riemix_sparse``, the same layer (same parameters) with
   ``expert_compute`` forced to ``"dense"`` (every expert for every token) and ``"sparse"`` (only the
   selected token-expert pairs; ``riemix.core.sparse``), and ``riemix_recompute``, the layer with
@@ -80,6 +82,13 @@ def build(args, dtype):
     cands = {"base": base, "riemix": moe, "loop": lambda x: loop_forward(moe, x)}
     if getattr(args, "paths", False):
         cands.update(forced_paths(moe, recompute=True))
+    # per-expert ranks (grown experts of another rank): r/2, r, 3r/2 in turn, the same total rank on average
+    mixed_ranks = [max(1, (args.rank * (i % 3 + 1)) // 2) for i in range(args.experts)]
+    mixed = MoELoRALinear(base, args.experts, mixed_ranks, alpha=16.0, top_k=args.top_k, gate_grad_power=0.5)
+    mixed.to(device, dtype)
+    with torch.no_grad():
+        mixed.lora_B.normal_(std=0.01)
+    cands["riemix_mixed_rank"] = mixed
     try:
         from peft import LoraConfig, get_peft_model
 
@@ -150,6 +159,8 @@ def ratios_of(med: dict[str, float]) -> dict[str, float]:
         ratios["loop_over_riemix"] = med["loop"] / med["riemix"]
     if "peft_lora" in med:
         ratios["riemix_over_peft_lora"] = med["riemix"] / med["peft_lora"]
+    if "riemix_mixed_rank" in med:
+        ratios["riemix_mixed_rank_over_base"] = med["riemix_mixed_rank"] / med["base"]
     return {**ratios, **paths}
 
 
@@ -197,6 +208,7 @@ def main() -> None:
         print(f"{name:<14} {1e3 * med[name]:9.2f} {med[name] / med['base']:8.2f}x")
     targets = {
         "riemix_over_base": 1.3,
+        "riemix_mixed_rank_over_base": 1.3,
         "loop_over_riemix": 8.0,
         "riemix_over_peft_lora": 1.1,
         "riemix_sparse_over_base": 1.3,

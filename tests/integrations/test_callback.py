@@ -60,6 +60,13 @@ def test_the_callback_advances_scale_warm_up_every_optimizer_step(tmp_path):
     assert not torch.equal(lora_b(model), before)
 
 
+def test_the_callback_counts_expert_ages_so_maturity_routing_turns_sparse(tmp_path):
+    model = adapted_llama(mature_after_steps=3)
+    plain_trainer(model, tmp_path, [RiemixCallback()]).train()
+    for _, layer in iter_moe_lora_layers(model):
+        assert layer.expert_ages == [STEPS] * layer.num_experts and layer.routing_now().immature == 0
+
+
 def test_the_callback_logs_diagnostics_through_the_trainer(tmp_path):
     model = adapted_llama()
     trainer = plain_trainer(model, tmp_path, [RiemixCallback(diagnostics_every=2)])

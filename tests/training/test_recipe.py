@@ -214,3 +214,13 @@ def test_bf16_autocast_run(tmp_path, mcq_files):
     spec = TaskSpec.for_dataset(dev, "causal_lm", format="cloze")
     again = evaluate(TaskModel(restored, "causal_lm"), dev, spec, tiny_tokenizer(), 48, "cpu", torch.bfloat16)
     assert summary["after"] == again
+
+
+def test_the_recipe_counts_expert_ages_so_maturity_routing_turns_sparse(tmp_path, mcq_files):
+    cfg = base_cfg(tmp_path, mcq_files, max_steps=4, eval_before=False)
+    cfg.adapter.mature_after_steps = 3  # dense while younger than 3 steps, then top-k
+    model = make_tiny_llama()
+    train_tiny(cfg, model=model)
+    for _, layer in iter_moe_lora_layers(model):
+        assert layer.expert_ages == [4] * layer.num_experts
+        assert layer.routing_now().immature == 0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from riemix.core.schedules import set_training_progress
+from riemix.core.schedules import advance_maturity, set_training_progress
 from riemix.core.tuner import iter_moe_lora_layers, set_record_routing
 from riemix.diagnostics.monitor import RoutingMonitor, collect_diagnostics, model_grad_norms
 from riemix.integrations.save import is_save_protected
@@ -118,6 +118,7 @@ class RiemixCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs: Any):
         """Schedules for the next step; close the diagnostics window when due (and ask Trainer to log)."""
+        advance_maturity(self._model, state.global_step)  # expert ages (maturity routing), once per step
         self._progress(state)
         if self._due(state.global_step):
             diag = collect_diagnostics(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from riemix.core.regularizers import apply_regularizers, scale_anchor_loss, uses_router_regularizers
-from riemix.core.schedules import linear_schedule, set_training_progress
+from riemix.core.schedules import advance_maturity, linear_schedule, set_training_progress
 from riemix.core.tuner import add_moe_lora, iter_moe_lora_layers, set_record_routing
 from riemix.diagnostics.monitor import RoutingMonitor, model_grad_norms
 from riemix.evaluate import evaluate as evaluate_dataset
@@ -275,6 +275,7 @@ def train_step(state: TrainState, step: int) -> StepResult:
     state.prepared_optimizer.zero_grad(set_to_none=True)
     state.guard.check_weights(state.trainable, step + 1)
     set_training_progress(state.model, step + 1, cfg.max_steps)  # scale warm-up / temperature: f(step)
+    advance_maturity(state.model, step + 1)  # expert ages: dense routing while an expert is immature
     return StepResult(loss, aux_logs, grad_norms)
 
 
