@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from lib.continual_section import continual_sections
 from lib.harness import RESULTS, script_parser
 from lib.render import DOC, IMG, bar, load, machine, table
 from lib.speed_sections import speed_sections
@@ -365,6 +366,7 @@ def main() -> None:
         out += quality_overview(records)
         for name, rec in records.items():
             out += quality_section(name, rec, records)
+    out += continual_sections()
     out += [
         "## Expert-collapse evidence",
         "",

@@ -13,7 +13,7 @@ from typing import Any
 
 from riemix.diagnostics.plots import _require_matplotlib, _save
 
-__all__ = ["skill_usage_matrix", "write_continual_plots"]
+__all__ = ["accuracy_heatmap", "skill_usage_matrix", "write_continual_plots"]
 
 
 def skill_usage_matrix(usage: dict[str, dict[str, list[float]]]) -> tuple[list[str], list[list[float]]]:
@@ -29,9 +29,10 @@ def skill_usage_matrix(usage: dict[str, dict[str, list[float]]]) -> tuple[list[s
     return skills, rows
 
 
-def _heatmap(
+def accuracy_heatmap(
     values: list[list[float | None]], rows: list[str], cols: list[str], title: str, xlabel: str, path: Path
 ) -> Path:
+    """A heatmap of values in [0, 1] (None: blank), each cell labelled, written atomically to ``path``."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
@@ -64,12 +65,14 @@ def write_continual_plots(results: dict[str, Any], out_dir: str | os.PathLike) -
     if results.get("matrix"):
         rows = [results["zero_shot"]] + results["matrix"]
         names = ["untrained"] + [f"after {t}" for t in stream[: len(results["matrix"])]]
-        written.append(_heatmap(rows, names, stream, "accuracy R[k][i]", "evaluated task", out / "accuracy_matrix.png"))
+        written.append(
+            accuracy_heatmap(rows, names, stream, "accuracy R[k][i]", "evaluated task", out / "accuracy_matrix.png")
+        )
     if results.get("usage"):
         skills, usage = skill_usage_matrix(results["usage"])
         cols = [str(e) for e in range(len(usage[0]))] if usage else []
         written.append(
-            _heatmap(
+            accuracy_heatmap(
                 usage,
                 skills,
                 cols,
