@@ -40,3 +40,13 @@ def test_differences_name_each_changed_field_outside_the_resume_safe_ones():
     saved = ContinualConfig(stream=["a"], lr=1e-3).to_dict()
     now = ContinualConfig(stream=["a"], lr=2e-3, progress=False, save_every=5)
     assert now.differences(saved) == ["lr: 0.001 -> 0.002"]
+
+
+def test_skill_routing_needs_a_selecting_routing_without_maturity():
+    with pytest.raises(
+        ValueError, match=r"skill_routing needs a selecting adapter.routing \(top-k or top-p\), got 'dense'"
+    ):
+        ContinualConfig(stream=["a"], skill_routing=True, adapter={"routing": "dense", "mature_after_steps": 0})
+    with pytest.raises(ValueError, match=r"skill_routing needs adapter.mature_after_steps 0, got 20"):
+        ContinualConfig(stream=["a"], skill_routing=True)
+    assert ContinualConfig(stream=["a"], skill_routing=True, adapter={"num_experts": 1, "top_k": 1}).skill_routing

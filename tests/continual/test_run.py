@@ -10,6 +10,7 @@ from riemix.continual.config import ContinualConfig
 from riemix.continual.metrics import cl_metrics
 from riemix.continual.run import run_continual
 from riemix.core.state import adapter_state_dict
+from riemix.core.tuner import iter_moe_lora_layers
 from riemix.io.adapter import load_adapter
 from tests.continual.test_stream import make_task
 from tests.helpers import make_tiny_llama, tiny_tokenizer
@@ -169,3 +170,12 @@ def test_auto_freeze_evaluates_the_current_task_and_freezes_a_skill_that_stops_i
     evals = [e for e in evals if e.get("event") == "eval"]
     assert len(evals) == 3 * 4 and {e["task"] for e in evals} == {"fruit", "stone", "taste"}
     assert res["frozen_skills"] == ["fruit", "stone", "taste"]  # lr 0: nothing improves after the first evaluation
+
+
+def test_skill_routing_sends_each_example_to_its_skill_experts_only(data, tmp_path):
+    adapter = {"num_experts": 1, "top_k": 1, "rank": 2, "target_modules": ["q_proj", "v_proj"]}
+    res = run(cfg_for(data, tmp_path / "run", skill_routing=True, adapter=adapter))
+    assert [max(h["experts"].values()) for h in res["experts"]] == [1, 2, 3]
+    assert all(v is not None for v in res["matrix"][-1])
+    model = load_adapter(make_tiny_llama(), tmp_path / "run" / "adapter")
+    assert all(layer.selection_bias is None for _, layer in iter_moe_lora_layers(model))

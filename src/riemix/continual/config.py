@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from riemix.core.config import MoELoRAConfig, check_field_types
+from riemix.core.config import DENSE_MODES, MoELoRAConfig, check_field_types
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import MIN_MAX_LENGTH, one_of
 from riemix.training.config import _adapter_config
@@ -56,6 +56,9 @@ class ContinualConfig:
         freeze: Frozen experts: ``past`` (those of every other skill while a skill trains), ``auto`` (also the
             current skill's once its held-out accuracy stops improving; needs ``eval_every``) or ``never``.
         freeze_router: Freeze the router rows of frozen experts too.
+        skill_routing: Route each example to its skill's experts only: while training, the skill of its task;
+            when evaluating, the skill whose detector centroid is nearest to its base-model embedding (needs a
+            top-k or top-p ``adapter.routing`` and ``adapter.mature_after_steps`` 0).
         freeze_patience: Evaluations without improvement before ``freeze=auto`` freezes a skill (int >= 1).
         replay_per_skill: Exemplars kept per past skill (reservoir sampling) and mixed into later tasks (0: no replay).
         replay_ratio: Share of each batch drawn from the replay buffer once it holds a past skill (0..1).
@@ -91,6 +94,7 @@ class ContinualConfig:
     novelty_samples: int = 64
     freeze: str = "past"
     freeze_router: bool = False
+    skill_routing: bool = False
     freeze_patience: int = 2
     replay_per_skill: int = 0
     replay_ratio: float = 0.25
@@ -151,6 +155,16 @@ class ContinualConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
         self.adapter = _adapter_config(self.adapter)
+        if self.skill_routing and self.adapter.routing in DENSE_MODES:
+            raise ValueError(
+                f"skill_routing needs a selecting adapter.routing (top-k or top-p), got {self.adapter.routing!r}: "
+                "dense routing mixes every expert into every token"
+            )
+        if self.skill_routing and self.adapter.mature_after_steps:
+            raise ValueError(
+                f"skill_routing needs adapter.mature_after_steps 0, got {self.adapter.mature_after_steps}: maturity "
+                "routing is dense while an expert is young, which mixes every skill's experts"
+            )
 
     @classmethod
     def field_names(cls) -> list[str]:

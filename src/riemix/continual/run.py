@@ -37,6 +37,7 @@ from riemix.continual.metrics import cl_metrics
 from riemix.continual.novelty import NoveltyConfig, NoveltyDetector
 from riemix.continual.replay import ReplayBuffer, ReplayConfig
 from riemix.continual.rundir import ContinualRunDir, open_continual_run
+from riemix.continual.skills import nearest_skills, per_example, routed, skill_biases
 from riemix.continual.stream import label_word_overrides, load_stream, presentation, stream_fingerprint
 from riemix.continual.usage import expert_usage, layer_sizes
 from riemix.core.freezing import freeze_experts, unfreeze_experts
@@ -83,6 +84,7 @@ class _Run:
         self.decisions: list[dict[str, Any]] = []
         self.growth: list[dict[str, Any]] = []
         self.seconds = 0.0
+        self.test_embeddings: dict[int, torch.Tensor] = {}  # skill routing: base embeddings of each test set
 
     def build_optimizer(self) -> None:
         cfg = self.cfg
@@ -188,17 +190,26 @@ def add_exemplars(cfg: ContinualConfig, replay: ReplayBuffer, k: int, n_items: i
     replay.add(skill, [[k, i] for i in order])
 
 
-def _batch(run: _Run, k: int, step: int, skill: int) -> dict[str, torch.Tensor]:
-    """Step ``step``'s batch of task ``k``, with replayed exemplars of earlier skills mixed in."""
+def _batch(run: _Run, k: int, step: int, skill: int) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Step ``step``'s batch of task ``k``, with replayed exemplars of earlier skills mixed in, and with
+    ``skill_routing`` each example's routing bias (its task's skill)."""
     refs = batch_refs(run.cfg, k, step, len(run.items[k]), run.replay, skill)
     batch = collate_lm([run.items[t][i] for t, i in refs], run.tokenizer.pad_token_id)
-    return {key: value.to(run.device) for key, value in batch.items()}
+    biases = None
+    if run.cfg.skill_routing:
+        biases = per_example([_skill_bias(run, run.skill_of_task[t]) for t, _ in refs])  # {layer: (B, E)}
+    return {key: value.to(run.device) for key, value in batch.items()}, biases
+
+
+def _skill_bias(run: _Run, skill: int) -> dict[str, torch.Tensor]:
+    return skill_biases(run.model, run.skill_experts[skill])
 
 
 def _train_step(run: _Run, k: int, skill: int) -> float:
-    batch = _batch(run, k, run.step, skill)
+    batch, biases = _batch(run, k, run.step, skill)
     targets = max(TaskModel.num_targets(batch), 1)
-    loss = run.task_model(batch, mode="loss_sum") / targets
+    with routed(run.model, biases):
+        loss = run.task_model(batch, mode="loss_sum") / targets
     if not torch.isfinite(loss):
         raise RuntimeError(f"task {run.tasks[k].name!r} step {run.step + 1}: the loss is {loss.item()}; lower lr")
     loss.backward()
@@ -211,9 +222,26 @@ def _train_step(run: _Run, k: int, skill: int) -> float:
 
 
 def _accuracy(run: _Run, i: int) -> float:
+    """Task ``i``'s test accuracy; with ``skill_routing`` each example goes to the experts of its nearest skill."""
     _, test, spec = run.views[i]
-    metrics = evaluate(run.task_model, test, spec, run.tokenizer, run.cfg.eval_batch_size, run.device)
-    return float(metrics["accuracy"])
+    cfg = run.cfg
+    if not cfg.skill_routing or not run.skill_experts:
+        return float(evaluate(run.task_model, test, spec, run.tokenizer, cfg.eval_batch_size, run.device)["accuracy"])
+    if i not in run.test_embeddings:  # the base model's embeddings: computed once per task
+        texts = [getattr(ex, "text", None) or ex.question for ex in test.examples]
+        with adapters_off(run.model):
+            run.test_embeddings[i] = embed_texts(run.model, run.tokenizer, texts, max_length=cfg.max_length)
+    known = sorted(run.skill_experts)
+    nearest = nearest_skills(run.test_embeddings[i], run.detector.centroids[known])
+    hits = 0.0
+    for position, skill in enumerate(known):
+        chosen = [j for j, p in enumerate(nearest) if p == position]
+        if chosen:
+            part = replace(test, examples=[test.examples[j] for j in chosen])
+            with routed(run.model, _skill_bias(run, skill)):
+                acc = evaluate(run.task_model, part, spec, run.tokenizer, cfg.eval_batch_size, run.device)["accuracy"]
+            hits += acc * len(chosen)
+    return hits / len(test)
 
 
 def _finish_task(run: _Run, k: int, skill: int, logger: MetricsLogger) -> None:

@@ -155,6 +155,10 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         scale_factor: multiplier of s in [0, 1] (scale warm-up; see ``riemix.core.schedules.set_scale_progress``).
         router_temperature: current router temperature T (see ``riemix.core.schedules.set_router_temperature``).
         router_noise_std: std of the selection noise added to the logits in training mode.
+        selection_bias: None, or an additive bias on the router's *selection* scores: ``(E,)`` for every token or
+            ``(B, E)`` per example of a ``(B, T, in)`` input (``-inf`` excludes an expert; the gates of the
+            selected experts still come from the clean logits).  Selecting modes (top-k, top-p) only; dense
+            routing ignores it.  ``riemix.continual`` routes each example to its skill's experts with it.
         top_p: mass threshold of ``routing="top_p"``.
         init_info: how the last init went (``"joint"``/``"per_expert"`` for ``"orthogonal"``, else the
             init name).
@@ -274,6 +278,7 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         self.record_routing = False
         self.last_router_logits: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
+        self.selection_bias: torch.Tensor | None = None
         # expert_ranks, rank, scaling, expert_age, max_experts, capacity_policy
         self._init_dynamic(ranks, maturity, weight.device, max_experts, capacity_policy)
         self.reset_adapter_parameters(init, router_init_std)
@@ -372,6 +377,9 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
             noise_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             noise = torch.randn(x2d.shape[0], self.num_experts, dtype=noise_dtype, device=x.device)  # (N, E)
             noise = noise * self.router_noise_std
+        if self.selection_bias is not None:
+            bias = self._selection_bias(lead, x.device)  # (N, E)
+            noise = bias if noise is None else noise + bias
         base = self.base_layer
         fused = not self.call_base
         with torch.autocast(device_type, enabled=False):
@@ -400,6 +408,19 @@ class MoELoRALinear(DynamicExpertsMixin, FrozenExpertsMixin, nn.Module):
         if self.record_routing:
             self.last_router_logits, self.last_gates = logits, gates
         return y.view(*lead, self.out_features).to(out_dtype)
+
+    def _selection_bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor:
+        """``selection_bias`` expanded to every token: ``(N, E)`` float32."""
+        bias = self.selection_bias.to(device, torch.float32)
+        n = lead.numel()
+        if bias.shape == (self.num_experts,):
+            return bias.expand(n, -1)  # (N, E)
+        if bias.dim() != 2 or bias.shape[1] != self.num_experts or len(lead) < 2 or bias.shape[0] != lead[0]:
+            raise ValueError(
+                f"selection_bias has shape {tuple(bias.shape)}: expected ({self.num_experts},) or (B, "
+                f"{self.num_experts}) for an input of leading shape {tuple(lead)}"
+            )
+        return bias.repeat_interleave(n // lead[0], dim=0)  # (N, E): each example's row for its tokens
 
     def delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
         """The effective weight update s·f·Σᵢ gᵢ·(σᵢ ⊙ Bᵢ) Aᵢ for one fixed gate vector (f: scale_factor).
