@@ -14,6 +14,8 @@ seen so far and the next one after each task; the untrained model first):
   routing while it matures, then top-1); the experts of the other skills are frozen while a skill trains.
 - ``riemix_dynamic_replay``: the same with the replay buffer.
 - ``multitask``: PEFT LoRA on every task jointly, as many steps in all (the upper reference: Avg only).
+- ``riemix_skill_routed``: ``riemix_dynamic`` with skill routing instead of maturity routing: every example
+  goes to its skill's expert (training: its task's skill; evaluation: the nearest detector centroid).
 
 Learning rates are chosen first (stage ``lr``) per family (PEFT AdamW, riemix Riemannian AdamW) on the
 first task: train on its train split minus 100 held-out examples, score those 100.
@@ -52,7 +54,15 @@ from riemix.training.data import batch_at, seed_everything
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl_benchmark"
 #: Sentiment classes share a first token ("very negative" / "very positive"): one word per class instead.
 LABEL_WORDS = [f"{t}=terrible,bad,okay,good,great" for t in ("amazon", "yelp")]
-CANDIDATES = ("peft_seq", "peft_seq_replay", "riemix_static", "riemix_dynamic", "riemix_dynamic_replay", "multitask")
+CANDIDATES = (
+    "peft_seq",
+    "peft_seq_replay",
+    "riemix_static",
+    "riemix_dynamic",
+    "riemix_dynamic_replay",
+    "multitask",
+    "riemix_skill_routed",
+)
 LR_GRID = {"peft": (2e-4, 1e-3), "riemix": (1e-3, 3e-3)}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -100,6 +110,10 @@ def run_riemix(args, seed: int, lr: float, name: str, static_experts: int) -> di
     kw = {
         "riemix_dynamic": {"adapter": dynamic_adapter(args)},
         "riemix_dynamic_replay": {"adapter": dynamic_adapter(args), "replay_per_skill": args.replay},
+        "riemix_skill_routed": {
+            "adapter": MoELoRAConfig(num_experts=1, top_k=1, rank=args.rank),
+            "skill_routing": True,
+        },
         "riemix_static": {
             "grow": "never",
             "freeze": "never",

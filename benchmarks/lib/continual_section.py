@@ -9,7 +9,7 @@ from riemix.continual.plots import accuracy_heatmap
 
 __all__ = ["continual_sections"]
 
-_PLOTTED = ("peft_seq", "riemix_dynamic", "riemix_dynamic_replay")
+_PLOTTED = ("peft_seq", "riemix_dynamic", "riemix_dynamic_replay", "riemix_skill_routed")
 
 
 def _f(value: float | None, signed: bool = False) -> str:
@@ -29,6 +29,11 @@ def _targets(c: dict) -> list[str]:
             f"{'met' if gain >= 5 else 'not met'}); |BWT| {100 * abs(dyn['bwt']):.1f} vs {100 * abs(seq['bwt']):.1f}, "
             f"ratio {ratio:.2f} (target ≤ 0.5: {'met' if ratio <= 0.5 else 'not met'})."
         )
+    routed = c.get("riemix_skill_routed")
+    if routed and seq:
+        gain = 100 * (routed["avg"] - seq["avg"])
+        ratio = abs(routed["bwt"]) / abs(seq["bwt"]) if seq["bwt"] else float("inf")
+        lines.append(f"- `riemix_skill_routed` − `peft_seq`: Avg {gain:+.1f} points; |BWT| ratio {ratio:.2f}.")
     rep, seq_rep = c.get("riemix_dynamic_replay"), c.get("peft_seq_replay")
     if rep and seq_rep:
         gain = 100 * (rep["avg"] - seq_rep["avg"])
@@ -116,7 +121,9 @@ def continual_sections() -> list[str]:
         "(PEFT LoRA, rank matched in trainable parameters, trained task after task), `peft_seq_replay` (+ the "
         "same replay), `riemix_static` (fixed experts, all trained on every task), `riemix_dynamic` (detector, "
         "growth, maturity, the other skills' experts frozen), `riemix_dynamic_replay`, `multitask` (PEFT LoRA "
-        "on all tasks jointly: the upper reference).",
+        "on all tasks jointly: the upper reference), `riemix_skill_routed` (`riemix_dynamic` with skill routing: "
+        "each example goes to the experts of its skill, at evaluation the skill whose detector centroid is "
+        "nearest to the example).",
         "",
     ]
     for name in names:
