@@ -97,7 +97,7 @@ def base_cfg(args, seed: int, lr: float, **kw) -> ContinualConfig:
         seed=seed,
         lr=lr,
         progress=False,
-        **{"replay_per_skill": 0, **kw},
+        **{"replay_per_task": 0, **kw},
     )
 
 
@@ -109,7 +109,7 @@ def dynamic_adapter(args) -> MoELoRAConfig:
 def run_riemix(args, seed: int, lr: float, name: str, static_experts: int) -> dict:
     kw = {
         "riemix_dynamic": {"adapter": dynamic_adapter(args)},
-        "riemix_dynamic_replay": {"adapter": dynamic_adapter(args), "replay_per_skill": args.replay},
+        "riemix_dynamic_replay": {"adapter": dynamic_adapter(args), "replay_per_task": args.replay},
         "riemix_skill_routed": {
             "adapter": MoELoRAConfig(num_experts=1, top_k=1, rank=args.rank),
             "skill_routing": True,
@@ -149,7 +149,7 @@ def peft_model(args, seed: int, rank: int):
 
 
 def run_peft(args, seed: int, lr: float, name: str, rank: int) -> dict:
-    cfg = base_cfg(args, seed, lr, replay_per_skill=args.replay if name == "peft_seq_replay" else 0)
+    cfg = base_cfg(args, seed, lr, replay_per_task=args.replay if name == "peft_seq_replay" else 0)
     t0 = time.time()
     model, tok = peft_model(args, seed, rank)
     tasks = load_stream(cfg.stream, cfg.data_dir, label_word_overrides(cfg.label_words), cfg.eval_subset)
@@ -159,7 +159,7 @@ def run_peft(args, seed: int, lr: float, name: str, rank: int) -> dict:
     tm = TaskModel(model, "causal_lm")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     replay = ReplayBuffer(
-        ReplayConfig(capacity_per_skill=max(1, cfg.replay_per_skill), ratio=cfg.replay_ratio, seed=seed)
+        ReplayConfig(capacity_per_skill=max(1, cfg.replay_per_task), ratio=cfg.replay_ratio, seed=seed)
     )
 
     def acc(i: int) -> float:
@@ -193,9 +193,9 @@ def run_peft(args, seed: int, lr: float, name: str, rank: int) -> dict:
     matrix = []
     for k in range(n):
         for s in range(cfg.steps_per_task):
-            step(batch_refs(cfg, k, s, len(items[k]), replay, skill=k))
-        if cfg.replay_per_skill:
-            add_exemplars(cfg, replay, k, len(items[k]), k)
+            step(batch_refs(cfg, k, s, len(items[k]), replay))
+        if cfg.replay_per_task:
+            add_exemplars(cfg, replay, k, len(items[k]))
         matrix.append([acc(i) if i <= k + 1 else None for i in range(n)])
         print(
             f"  [{name} s{seed}] after {tasks[k].name}: {[None if v is None else round(v, 3) for v in matrix[-1]]}",

@@ -20,7 +20,7 @@ def test_a_comma_separated_stream_is_split_and_the_default_adapter_starts_with_o
         ({"freeze": "auto"}, r"freeze='auto' needs eval_every >= 1"),
         ({"new_expert_rank": 0}, r"new_expert_rank must be an int >= 1 or null, got 0"),
         ({"steps_per_task": 0}, r"steps_per_task must be an int >= 1, got 0"),
-        ({"replay_per_skill": -1}, r"replay_per_skill must be an int >= 0, got -1"),
+        ({"replay_per_task": -1}, r"replay_per_task must be an int >= 0, got -1"),
         ({"replay_ratio": 1.0}, r"replay_ratio must be in \[0, 1\), got 1.0"),
         ({"novelty_threshold": 1.5}, r"novelty_threshold must be a cosine similarity in \[-1, 1\], got 1.5"),
         ({"lr": -1.0}, r"lr must be >= 0 and finite, got -1.0"),

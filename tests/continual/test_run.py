@@ -36,7 +36,7 @@ def cfg_for(data, out, **kw):
         eval_batch_size=8,
         novelty_samples=8,
         grow="always",
-        replay_per_skill=4,
+        replay_per_task=4,
         progress=False,
         lr=1e-2,
         novelty_threshold=-1.0,
@@ -105,11 +105,11 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path
     original = run_module._train_step
     calls = {"n": 0}
 
-    def crashing(run_state, k, skill):
+    def crashing(run_state, k):
         if calls["n"] == crash_at + 1:
             raise Crash
         calls["n"] += 1
-        return original(run_state, k, skill)
+        return original(run_state, k)
 
     monkeypatch.setattr(run_module, "_train_step", crashing)
     with pytest.raises(Crash):

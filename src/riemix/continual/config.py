@@ -24,7 +24,7 @@ FREEZE_POLICIES: tuple[str, ...] = ("past", "auto", "never")
 RESUME_SAFE_FIELDS: tuple[str, ...] = ("resume", "overwrite", "progress", "save_every", "eval_batch_size")
 
 _POSITIVE_INTS = ("steps_per_task", "batch_size", "eval_batch_size", "novelty_samples", "freeze_patience")
-_NON_NEGATIVE_INTS = ("replay_per_skill", "eval_every", "save_every", "seed")
+_NON_NEGATIVE_INTS = ("replay_per_task", "eval_every", "save_every", "seed")
 
 
 def default_adapter() -> MoELoRAConfig:
@@ -60,7 +60,7 @@ class ContinualConfig:
             when evaluating, the skill whose detector centroid is nearest to its base-model embedding (needs a
             top-k or top-p ``adapter.routing`` and ``adapter.mature_after_steps`` 0).
         freeze_patience: Evaluations without improvement before ``freeze=auto`` freezes a skill (int >= 1).
-        replay_per_skill: Exemplars kept per past skill (reservoir sampling) and mixed into later tasks (0: no replay).
+        replay_per_task: Exemplars kept per past task (reservoir sampling) and mixed into later tasks (0: no replay).
         replay_ratio: Share of each batch drawn from the replay buffer once it holds a past skill (0..1).
         optimizer: ``radamw`` or ``rsgd`` (Riemannian preconditioned) or ``adamw`` or ``sgd`` (plain).
         lr: Learning rate of the expert factors (>= 0).
@@ -96,7 +96,7 @@ class ContinualConfig:
     freeze_router: bool = False
     skill_routing: bool = False
     freeze_patience: int = 2
-    replay_per_skill: int = 0
+    replay_per_task: int = 0
     replay_ratio: float = 0.25
     optimizer: str = "radamw"
     lr: float = 1e-3

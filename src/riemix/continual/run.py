@@ -11,8 +11,9 @@
 3. **Freeze.**  ``freeze=past``: the experts of every other skill are frozen while this one trains (a known
    skill's experts are unfrozen to learn it again); ``auto`` also freezes this skill's once its held-out
    accuracy stops improving for ``freeze_patience`` evaluations.
-4. **Train** ``steps_per_task`` steps; with ``replay_per_skill`` a share ``replay_ratio`` of each batch is
-   replayed exemplars of earlier skills (reservoir-sampled per skill).
+4. **Train** ``steps_per_task`` steps; with ``replay_per_task`` a share ``replay_ratio`` of each batch is
+   replayed exemplars of the earlier tasks (a reservoir per task: every task is replayed, also one whose
+   skill is the current task's).
 5. **Evaluate** every task seen so far and the next one: row k of the accuracy matrix R; then save.
 
 The run directory (``riemix.continual.rundir``) holds config.yaml, results.json (matrix, Avg, average
@@ -69,7 +70,7 @@ class _Run:
             NoveltyConfig(tau0=cfg.novelty_threshold, delta=cfg.novelty_delta, min_samples=min(8, cfg.novelty_samples))
         )
         self.replay = ReplayBuffer(
-            ReplayConfig(capacity_per_skill=max(1, cfg.replay_per_skill), ratio=cfg.replay_ratio, seed=cfg.seed)
+            ReplayConfig(capacity_per_skill=max(1, cfg.replay_per_task), ratio=cfg.replay_ratio, seed=cfg.seed)
         )
         self.freezer = AutoFreezer(cfg.freeze_patience, 0.0, model=model, router=cfg.freeze_router)
         self.optimizer = None
@@ -171,29 +172,29 @@ def _assign_experts(run: _Run, k: int, skill: int, novel: bool) -> None:
 
 
 def batch_refs(
-    cfg: ContinualConfig, k: int, step: int, n_items: int, replay: ReplayBuffer | None = None, skill: int | None = None
+    cfg: ContinualConfig, k: int, step: int, n_items: int, replay: ReplayBuffer | None = None
 ) -> list[list[int]]:
     """``[[task, example], ...]``: step ``step``'s batch of task ``k`` (a seeded permutation per epoch of its
-    ``n_items`` examples), with replayed exemplars of skills other than ``skill`` mixed in
-    (``cfg.replay_ratio``) when ``replay`` holds any.  Every candidate of a comparison draws the same batches.
+    ``n_items`` examples), with replayed exemplars of the other tasks mixed in (``cfg.replay_ratio``) when
+    ``replay`` holds any.  Every candidate of a comparison draws the same batches.
     """
     chunk = batch_at(list(range(n_items)), step, cfg.batch_size, cfg.seed + 1009 * k)
     refs = [[k, i] for i in chunk]
-    if replay is not None and cfg.replay_per_skill and len(replay):
-        refs = replay.mix(refs, generator=random.Random(cfg.seed * 7919 + 104729 * k + step), exclude=skill)
+    if replay is not None and cfg.replay_per_task and len(replay):
+        refs = replay.mix(refs, generator=random.Random(cfg.seed * 7919 + 104729 * k + step), exclude=k)
     return refs
 
 
-def add_exemplars(cfg: ContinualConfig, replay: ReplayBuffer, k: int, n_items: int, skill: int) -> None:
-    """Offer every example of task ``k`` (in a seeded order) to ``skill``'s reservoir."""
+def add_exemplars(cfg: ContinualConfig, replay: ReplayBuffer, k: int, n_items: int) -> None:
+    """Offer every example of task ``k`` (in a seeded order) to its reservoir."""
     order = random.Random(cfg.seed + 31 * k).sample(range(n_items), n_items)
-    replay.add(skill, [[k, i] for i in order])
+    replay.add(k, [[k, i] for i in order])
 
 
-def _batch(run: _Run, k: int, step: int, skill: int) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Step ``step``'s batch of task ``k``, with replayed exemplars of earlier skills mixed in, and with
+def _batch(run: _Run, k: int, step: int) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Step ``step``'s batch of task ``k``, with replayed exemplars of earlier tasks mixed in, and with
     ``skill_routing`` each example's routing bias (its task's skill)."""
-    refs = batch_refs(run.cfg, k, step, len(run.items[k]), run.replay, skill)
+    refs = batch_refs(run.cfg, k, step, len(run.items[k]), run.replay)
     batch = collate_lm([run.items[t][i] for t, i in refs], run.tokenizer.pad_token_id)
     biases = None
     if run.cfg.skill_routing:
@@ -205,8 +206,8 @@ def _skill_bias(run: _Run, skill: int) -> dict[str, torch.Tensor]:
     return skill_biases(run.model, run.skill_experts[skill])
 
 
-def _train_step(run: _Run, k: int, skill: int) -> float:
-    batch, biases = _batch(run, k, run.step, skill)
+def _train_step(run: _Run, k: int) -> float:
+    batch, biases = _batch(run, k, run.step)
     targets = max(TaskModel.num_targets(batch), 1)
     with routed(run.model, biases):
         loss = run.task_model(batch, mode="loss_sum") / targets
@@ -247,8 +248,8 @@ def _accuracy(run: _Run, i: int) -> float:
 def _finish_task(run: _Run, k: int, skill: int, logger: MetricsLogger) -> None:
     """Replay exemplars, row k of the accuracy matrix, experts per layer and per-skill usage."""
     cfg = run.cfg
-    if cfg.replay_per_skill:
-        add_exemplars(cfg, run.replay, k, len(run.items[k]), skill)
+    if cfg.replay_per_task:
+        add_exemplars(cfg, run.replay, k, len(run.items[k]))
     row: list[float | None] = [None] * len(run.tasks)
     for i in range(min(k + 2, len(run.tasks))):  # every task seen so far, and the next one
         row[i] = _accuracy(run, i)
@@ -336,7 +337,7 @@ def _loop(run: _Run, rundir: ContinualRunDir) -> dict[str, Any]:
             skill = run.skill_of_task[k]
             bar = _bar(cfg, run, k)
             while run.step < cfg.steps_per_task:
-                loss = _train_step(run, k, skill)
+                loss = _train_step(run, k)
                 logger.record({"step": run.global_step, "task": run.tasks[k].name, "task_step": run.step, "loss": loss})
                 if bar is not None:
                     bar.update(1)
