@@ -291,7 +291,9 @@ def main() -> None:
                 write_json(path, record)
     best = {fam: max(grid, key=lambda lr, fam=fam: lrs[f"{fam}:{lr:g}"]) for fam, grid in LR_GRID.items()}
     record["lr"] = best
-    order = ["riemix_dynamic", *[c for c in CANDIDATES if c != "riemix_dynamic"]]  # its size fixes the others'
+    # riemix_dynamic first (its final expert count sizes the others), then the headline comparisons
+    first = ["riemix_dynamic", "riemix_skill_routed", "peft_seq"]
+    order = [*first, *[c for c in CANDIDATES if c not in first]]
     for seed in args.seeds:
         for name in order:
             if name not in args.only or str(seed) in raw.get(name, {}):
