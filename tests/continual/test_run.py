@@ -179,3 +179,12 @@ def test_skill_routing_sends_each_example_to_its_skill_experts_only(data, tmp_pa
     assert all(v is not None for v in res["matrix"][-1])
     model = load_adapter(make_tiny_llama(), tmp_path / "run" / "adapter")
     assert all(layer.selection_bias is None for _, layer in iter_moe_lora_layers(model))
+
+
+def test_a_first_task_with_too_few_texts_to_judge_still_starts_the_skill_library(tmp_path):
+    root = tmp_path / "data"
+    make_task(root, "tiny", ["apple", "pear"], n_train=4)
+    make_task(root, "more", ["rock", "sand"], n_train=4)
+    res = run(cfg_for(root, tmp_path / "run", stream=["tiny", "more"], batch_size=2, steps_per_task=2, grow="auto"))
+    assert [d["reason"] for d in res["decisions"]] == ["too_few_samples", "too_few_samples"]
+    assert res["skills"] == {"tiny": 0, "more": 0}

@@ -134,7 +134,9 @@ def _detect(run: _Run, k: int) -> tuple[int, bool]:
         emb = embed_texts(run.model, run.tokenizer, texts, max_length=cfg.max_length)  # (n, H)
     decision = run.detector.observe(emb, skill_hint=task.name)
     record = {"task": task.name, **decision.to_dict()}
-    if cfg.grow == "always" and k > 0 and not decision.novel:  # every task its own skill
+    if decision.skill < 0:  # the first task with too few samples to decide: it starts the library anyway
+        record.update(skill=run.detector.add_skill(emb, task.name), novel=True)
+    elif cfg.grow == "always" and k > 0 and not decision.novel:  # every task its own skill
         record.update(reason="always", skill=run.detector.add_skill(emb, task.name), novel=True)
     elif cfg.grow == "never":
         record.update(skill=0, novel=k == 0)
@@ -255,8 +257,10 @@ def _finish_task(run: _Run, k: int, skill: int, logger: MetricsLogger) -> None:
         row[i] = _accuracy(run, i)
     run.matrix.append(row)
     run.experts_history.append({"task": run.tasks[k].name, **layer_sizes(run.model)})
-    for i in range(k + 1):
-        run.usage[run.tasks[i].name] = expert_usage(run.model, run.items[i][:16], run.tokenizer, run.device)
+    for i in range(k + 1):  # under skill routing: the routing of the task's own skill
+        bias = _skill_bias(run, run.skill_of_task[i]) if cfg.skill_routing else None
+        with routed(run.model, bias):
+            run.usage[run.tasks[i].name] = expert_usage(run.model, run.items[i][:16], run.tokenizer, run.device)
     shown = ", ".join(f"{run.tasks[i].name} {row[i]:.3f}" for i in range(len(row)) if row[i] is not None)
     run.log(f"after task {k + 1} {run.tasks[k].name}: {shown}")
     logger.record(
