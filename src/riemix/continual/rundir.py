@@ -25,7 +25,7 @@ import torch
 from riemix.continual.config import ContinualConfig
 from riemix.core.tuner import iter_moe_lora_layers
 from riemix.io.adapter import save_adapter
-from riemix.io.checkpoint import rng_state, set_rng_state
+from riemix.io.checkpoint import NUMPY_RNG_GLOBALS, rng_state, set_rng_state
 from riemix.io.fileio import atomic_write_json, atomic_write_text, discard_dir, publish_dir, sibling_temp_path
 from riemix.training.rundir import check_output_dir
 
@@ -48,7 +48,8 @@ class ContinualRunDir:
         progress = self.checkpoint / "progress.json"
         if not progress.is_file():
             return None
-        trainer = torch.load(self.checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):  # tensors, plain data, NumPy's RNG state
+            trainer = torch.load(self.checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
         return {"progress": json.loads(progress.read_text(encoding="utf-8")), "trainer": trainer}
 
     def restore(self, checkpoint: dict[str, Any], run) -> None:

@@ -36,6 +36,7 @@ from riemix.io.fileio import (
 )
 
 __all__ = [
+    "NUMPY_RNG_GLOBALS",
     "CheckpointError",
     "clean_checkpoint_temps",
     "find_resumable",
@@ -59,7 +60,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # What NumPy's legacy RNG state (a tuple holding a uint32 array) needs to be unpickled: array
 # reconstruction only, no other callable (``torch.load(weights_only=True)`` refuses everything else).
 _NUMPY_CORE = getattr(np, "_core", None) or np.core
-_NUMPY_RNG_GLOBALS = [
+NUMPY_RNG_GLOBALS = [
     _NUMPY_CORE.multiarray._reconstruct,
     np.ndarray,
     np.dtype,
@@ -188,7 +189,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if file_sha256(state_file) != expected:
         raise CheckpointError(f"{state_file}: checksum mismatch: the file is truncated or corrupt")
     try:  # tensors, containers, numbers and NumPy's RNG state array only: a crafted file cannot run code
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
             state = torch.load(state_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
