@@ -188,3 +188,12 @@ def test_a_first_task_with_too_few_texts_to_judge_still_starts_the_skill_library
     res = run(cfg_for(root, tmp_path / "run", stream=["tiny", "more"], batch_size=2, steps_per_task=2, grow="auto"))
     assert [d["reason"] for d in res["decisions"]] == ["too_few_samples", "too_few_samples"]
     assert res["skills"] == {"tiny": 0, "more": 0}
+
+
+def test_a_damaged_checkpoint_is_named_instead_of_a_traceback(data, tmp_path):
+    run(cfg_for(data, tmp_path / "run", stream=["fruit"]))
+    (tmp_path / "run" / "checkpoint" / "trainer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        ValueError, match=r"cannot resume from .*checkpoint: .* \(use overwrite to start the run again\)"
+    ):
+        run(cfg_for(data, tmp_path / "run", stream=["fruit"], resume=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,13 +45,24 @@ class ContinualRunDir:
         self.checkpoint_adapter = self.checkpoint / "adapter"
 
     def read_checkpoint(self) -> dict[str, Any] | None:
-        """The saved progress and trainer state, or None when no checkpoint was written yet."""
+        """The saved progress and trainer state, or None when no checkpoint was written yet.
+
+        Raises:
+            ValueError: a checkpoint whose files are missing or unreadable, naming the file.
+        """
         progress = self.checkpoint / "progress.json"
-        if not progress.is_file():
+        if not self.checkpoint.exists():
             return None
-        with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):  # tensors, plain data, NumPy's RNG state
-            trainer = torch.load(self.checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
-        return {"progress": json.loads(progress.read_text(encoding="utf-8")), "trainer": trainer}
+        trainer = self.checkpoint / "trainer.pt"
+        try:
+            state = json.loads(progress.read_text(encoding="utf-8"))
+            with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):  # tensors, plain data, NumPy's RNG state
+                loaded = torch.load(trainer, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(
+                f"cannot resume from {self.checkpoint}: {exc} (use overwrite to start the run again)"
+            ) from exc
+        return {"progress": state, "trainer": loaded}
 
     def restore(self, checkpoint: dict[str, Any], run) -> None:
         """Put a checkpoint's state into ``run`` (its model already carries the checkpoint's adapter)."""
