@@ -59,8 +59,9 @@ class ContinualRunDir:
             with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):  # tensors, plain data, NumPy's RNG state
                 loaded = torch.load(trainer, map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # torch's are pages long
             raise ValueError(
-                f"cannot resume from {self.checkpoint}: {exc} (use overwrite to start the run again)"
+                f"cannot resume from {self.checkpoint}: {reason} (use overwrite to start the run again)"
             ) from exc
         return {"progress": state, "trainer": loaded}
 
