@@ -63,7 +63,7 @@ CANDIDATES = (
     "multitask",
     "riemix_skill_routed",
 )
-LR_GRID = {"peft": (2e-4, 1e-3, 3e-3), "riemix": (1e-3, 3e-3, 1e-2)}
+LR_GRID = {"peft": (2e-4, 1e-3, 3e-3, 1e-2), "riemix": (1e-3, 3e-3, 1e-2)}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
