@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from riemix.continual.config import FREEZE_POLICIES, GROW_MODES
 from riemix.core.config import (
     CAPACITY_POLICIES,
     EXPERT_COMPUTE_MODES,
@@ -86,6 +87,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "regularizer_mode": REGULARIZER_MODES,
     "quantization": _OrNone(QUANTIZATIONS),
     "base_dtype": _OrNone(BASE_DTYPES),
+    "grow": GROW_MODES,
+    "freeze": FREEZE_POLICIES,
 }
 
 #: Option name -> flag name, where they differ (kept from the first command line: ``--experts``).
@@ -205,7 +208,7 @@ def _argument(opt: Option, bools: str, choices: dict[str, tuple[str, ...]]) -> d
     """``add_argument`` keywords (other than help/default) for ``opt``."""
     hint = opt.hint
     args = allowed_types(hint)  # (hint,) unless a union
-    if opt.name == "resume":  # True (latest checkpoint) or a checkpoint path
+    if opt.name == "resume" and hint is not bool:  # True (latest checkpoint) or a checkpoint path
         return {"nargs": "?", "const": True, "type": _resume, "metavar": "CHECKPOINT"}
     if hint is bool:
         if bools == "switch":
