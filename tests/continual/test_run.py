@@ -197,3 +197,11 @@ def test_a_damaged_checkpoint_is_named_instead_of_a_traceback(data, tmp_path):
         ValueError, match=r"cannot resume from .*checkpoint: .* \(use overwrite to start the run again\)"
     ):
         run(cfg_for(data, tmp_path / "run", stream=["fruit"], resume=True))
+
+
+def test_the_auto_freeze_holdout_is_a_disjoint_fifth_of_the_training_split(data):
+    (task,) = run_module.load_stream(["fruit"], data_dir=data)
+    held, rest = run_module._split_holdout(task.train, seed=3)
+    held_ids, rest_ids = {id(ex) for ex in held.examples}, {id(ex) for ex in rest.examples}
+    assert len(held_ids) == 4 and len(rest_ids) == 20 and held_ids.isdisjoint(rest_ids)
+    assert held_ids | rest_ids == {id(ex) for ex in task.train.examples}

@@ -54,7 +54,8 @@ class ContinualConfig:
         novelty_delta: How fast the threshold falls with the number of skills k: tau0 - delta*log(1+k) (>= 0).
         novelty_samples: Training texts of a task the detector embeds (int >= 1).
         freeze: Frozen experts: ``past`` (those of every other skill while a skill trains), ``auto`` (also the
-            current skill's once its held-out accuracy stops improving; needs ``eval_every``) or ``never``.
+            current skill's once its accuracy on a held-out fifth of the task's training examples, at most 100,
+            stops improving; needs ``eval_every``) or ``never``.
         freeze_router: Freeze the router rows of frozen experts too.
         skill_routing: Route each example to its skill's experts only: while training, the skill of its task;
             when evaluating, the skill whose detector centroid is nearest to its base-model embedding (needs a
@@ -69,7 +70,8 @@ class ContinualConfig:
         weight_decay: Weight decay (>= 0).
         steps_per_task: Optimizer steps per task (int >= 1).
         batch_size: Examples per step (int >= 1).
-        eval_every: Evaluate the current task's held-out split every this many steps (0: only after each task).
+        eval_every: With ``freeze=auto``, evaluate the current task's held-out training examples every this many
+            steps (0: no evaluation within a task).
         eval_batch_size: Examples per evaluation batch (int >= 1).
         seed: Random seed of data order, replay and adapter initialisation (int >= 0).
         output_dir: Run directory (config.yaml, state, checkpoint/, results.json, metrics.jsonl, plots).

@@ -63,6 +63,11 @@ class _Run:
     def __init__(self, cfg: ContinualConfig, model, tokenizer, tasks, log) -> None:
         self.cfg, self.model, self.tokenizer, self.tasks, self.log = cfg, model, tokenizer, tasks, log
         self.views = [presentation(t, tokenizer, cfg.max_length) for t in tasks]  # (train, test, spec)
+        self.holdout = [None] * len(tasks)  # freeze="auto": training examples held out to judge convergence
+        if cfg.freeze == "auto":
+            for k, (train, test, spec) in enumerate(self.views):
+                held, rest = _split_holdout(train, cfg.seed + k)
+                self.views[k], self.holdout[k] = (rest, test, spec), held
         self.items = [[encode_train(ex, spec, tokenizer) for ex in train.examples] for train, _, spec in self.views]
         self.task_model = TaskModel(model, "causal_lm")
         self.device = next(model.parameters()).device
@@ -117,6 +122,14 @@ class _Run:
             if key != "skill_experts":
                 setattr(self, key, value)
         self.skill_experts = {int(k): v for k, v in state["skill_experts"].items()}
+
+
+def _split_holdout(train, seed: int):
+    """``(held out, rest)``: a seeded fifth of ``train`` (at most 100 examples, at least 1) and the others."""
+    n = max(1, min(100, len(train) // 5))
+    chosen = set(random.Random(seed).sample(range(len(train)), n))
+    held = replace(train, examples=[ex for i, ex in enumerate(train.examples) if i in chosen])
+    return held, replace(train, examples=[ex for i, ex in enumerate(train.examples) if i not in chosen])
 
 
 def _all_experts(model) -> dict[str, list[int]]:
@@ -271,7 +284,11 @@ def _finish_task(run: _Run, k: int, skill: int, logger: MetricsLogger) -> None:
 def _maybe_auto_freeze(run: _Run, k: int, skill: int, logger: MetricsLogger) -> None:
     if run.cfg.freeze != "auto" or not run.cfg.eval_every or run.step % run.cfg.eval_every:
         return
-    value = _accuracy(run, k)  # the held-out metric of the current skill
+    _, _, spec = run.views[k]
+    bias = _skill_bias(run, skill) if run.cfg.skill_routing else None
+    with routed(run.model, bias):  # training examples held out of this task (never its test split)
+        metrics = evaluate(run.task_model, run.holdout[k], spec, run.tokenizer, run.cfg.eval_batch_size, run.device)
+    value = float(metrics["accuracy"])
     frozen = run.freezer.update(run.tasks[k].name, run.skill_experts[skill], value)
     logger.record(
         {
