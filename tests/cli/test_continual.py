@@ -84,3 +84,15 @@ def test_resume_without_config_restores_the_saved_one_and_refuses_another_stream
     assert "cannot resume the run in" in capsys.readouterr().err
     assert main(["continual", "--output-dir", str(out), "--resume", "--no-progress"]) == 0
     assert "Avg " in capsys.readouterr().out
+
+
+def test_a_yaml_config_reads_numbers_as_train_does(tmp_path, capsys):
+    from riemix.cli import build_parser
+    from riemix.cli.continual import build_config
+
+    path = tmp_path / "cl.yaml"
+    path.write_text("stream: a,b\nlr: 1e-3\nadapter:\n  alpha: 8e0\n")
+    cfg = build_config(build_parser().parse_args(["continual", "--config", str(path)]))
+    assert cfg.lr == 1e-3 and cfg.adapter.alpha == 8.0 and cfg.stream == ["a", "b"]
+    assert main(["continual", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from riemix.cli.flags import ADAPTER_OPTIONS, add_adapter_options, add_options, dataclass_options, given_values
 from riemix.continual.config import ContinualConfig, default_adapter
 from riemix.continual.report import format_continual
 from riemix.continual.run import run_continual
+from riemix.training.config import read_yaml_options
 
 __all__ = ["DESCRIPTION", "HELP", "NAME", "OPTIONS", "add_arguments", "run"]
 
@@ -39,15 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _from_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
-    return data
+    return read_yaml_options(path, ContinualConfig)
 
 
 def build_config(ns: argparse.Namespace) -> ContinualConfig:

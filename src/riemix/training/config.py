@@ -25,7 +25,7 @@ from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MIN_MAX_LENGTH, MODEL_KINDS, one_of
 
-__all__ = ["RESUME_SAFE_FIELDS", "SCHEDULES", "TrainConfig"]
+__all__ = ["RESUME_SAFE_FIELDS", "SCHEDULES", "TrainConfig", "read_yaml_options"]
 
 #: Learning-rate schedules accepted by ``TrainConfig.schedule`` (``riemix.core.schedules.linear_schedule``;
 #: both start with the linear warm-up).
@@ -293,20 +293,8 @@ class TrainConfig:
         Raises:
             ValueError: a missing/unparsable file or a bad option, naming the file.
         """
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
-        data = _yaml_numbers(data, cls)
-        if isinstance(data.get("adapter"), Mapping):
-            data["adapter"] = _yaml_numbers(data["adapter"], MoELoRAConfig)
+        data = read_yaml_options(path, cls)
         merged = {**data, **(overrides or {})}
         if "adapter" in data and overrides and "adapter" in overrides:
             merged["adapter"] = {**data["adapter"], **overrides["adapter"]}
@@ -328,6 +316,30 @@ class TrainConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_yaml_options(path: str | Path, cls: type) -> dict[str, Any]:
+    """The options of a YAML config file for the dataclass ``cls`` (with an ``adapter`` mapping), numbers that
+    PyYAML reads as strings (``1e-3``) converted where the field wants a number.
+
+    Raises:
+        ValueError: a missing or unparsable file, or one that is not a mapping, naming the file.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    data = _yaml_numbers(data, cls)
+    if isinstance(data.get("adapter"), Mapping):
+        data["adapter"] = _yaml_numbers(data["adapter"], MoELoRAConfig)
+    return data
 
 
 def _suggest(key: str, names: list[str]) -> str:
