@@ -81,6 +81,11 @@ def parse_args():
     p.add_argument("--rank", type=int, default=8, help="rank of each riemix expert")
     p.add_argument("--only", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--lr-from",
+        default=None,
+        help="reuse the learning-rate stage of another results JSON (same first task and training args)",
+    )
     return p.parse_args()
 
 
@@ -227,6 +232,23 @@ def holdout_accuracy(args, family: str, lr: float) -> float:
         return run_peft(one, 0, lr, "peft_seq", rank=4 * args.rank)["matrix"][0][0]
 
 
+#: The arguments the learning-rate stage depends on (besides the stream's first task).
+LR_STAGE_ARGS = ("steps", "batch_size", "max_length", "train_subset", "rank")
+
+
+def reused_lrs(args, path: Path) -> dict:
+    """The ``lr_selection`` of another run of this script, refused unless its stage was the same computation."""
+    other = json.loads(path.read_text(encoding="utf-8"))
+    first = args.stream.split(",")[0]
+    if other["stream"][0] != first:
+        raise SystemExit(f"--lr-from {path}: its stream starts with {other['stream'][0]!r}, not {first!r}")
+    for key in LR_STAGE_ARGS:
+        if other["args"][key] != getattr(args, key):
+            raise SystemExit(f"--lr-from {path}: its {key} is {other['args'][key]!r}, not {getattr(args, key)!r}")
+    print(f"learning-rate stage reused from {path.name}", flush=True)
+    return other["lr_selection"]
+
+
 def _holdout_folder(args, task: str, tmp: Path) -> None:
     src = Path(args.data_dir) / task
     rows = (src / "train.jsonl").read_text(encoding="utf-8").splitlines()
@@ -282,6 +304,8 @@ def main() -> None:
     record["args"] = {k: v for k, v in vars(args).items() if k not in ("only", "seeds", "out", "data_dir")}
     raw = record.setdefault("raw", {})
     lrs = record.setdefault("lr_selection", {})
+    if args.lr_from:
+        lrs.update({k: v for k, v in reused_lrs(args, Path(args.lr_from)).items() if k not in lrs})
     for family, grid in LR_GRID.items():
         for lr in grid:
             key = f"{family}:{lr:g}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import continual
 import pytest
 from lib import continual_section
@@ -58,3 +61,19 @@ def test_the_section_checks_the_targets(monkeypatch, tmp_path):
     assert "| riemix_dynamic | 58.0 | 58.0 | -8.0 | +0.0 | 100 | 10 | 0 |" in text
     assert "Avg +8.0 points (target ≥ +5: met)" in text and "ratio 0.40 (target ≤ 0.5: met)" in text
     assert (tmp_path / "continual_a_b_riemix_dynamic.png").is_file()
+
+
+def _args(**kw):
+    base = {"stream": "a,b,c", "steps": 3, "batch_size": 8, "max_length": 96, "train_subset": 40, "rank": 8}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_the_lr_stage_is_reused_only_from_the_same_computation(tmp_path):
+    other = tmp_path / "continual_a_b.json"
+    args = {k: v for k, v in vars(_args()).items() if k != "stream"}
+    other.write_text(json.dumps({"stream": ["a", "b"], "args": args, "lr_selection": {"peft:0.001": 0.5}}))
+    assert continual.reused_lrs(_args(), other) == {"peft:0.001": 0.5}
+    with pytest.raises(SystemExit, match="its stream starts with 'a', not 'c'"):
+        continual.reused_lrs(_args(stream="c,a"), other)
+    with pytest.raises(SystemExit, match="its steps is 3, not 5"):
+        continual.reused_lrs(_args(steps=5), other)
