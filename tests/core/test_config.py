@@ -8,7 +8,8 @@ import typing
 import pytest
 
 from riemix import MoELoRAConfig
-from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES, allowed_types
+from riemix.core.config import DENSE_MODES, REGULARIZER_MODES, ROUTING_MODES, TOPK_MODES
+from riemix.core.fields import allowed_types
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,8 @@ from riemix.core.config import (
     INIT_MODES,
     ROUTING_MODES,
     MoELoRAConfig,
-    allowed_types,
 )
+from riemix.core.fields import allowed_types
 from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import FORMATS, MODEL_KINDS

@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from riemix.core.config import DENSE_MODES, MoELoRAConfig, check_field_types
+from riemix.core.config import DENSE_MODES, MoELoRAConfig
+from riemix.core.fields import check_field_types, check_ranges
 from riemix.optim import OPTIMIZER_NAMES
 from riemix.tasks import MIN_MAX_LENGTH, one_of
 from riemix.training.config import _adapter_config
@@ -129,21 +130,14 @@ class ContinualConfig:
         for name, allowed in (("grow", GROW_MODES), ("freeze", FREEZE_POLICIES)):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), one_of(allowed))
-        for name in _POSITIVE_INTS:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, getattr(self, name), "an int >= 1")
-        for name in _NON_NEGATIVE_INTS:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, getattr(self, name), "an int >= 0")
-        for name in ("train_subset", "eval_subset", "new_expert_rank"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                bad(name, value, "an int >= 1 or null")
-        for name in ("lr", "reg", "weight_decay", "novelty_delta"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                bad(name, getattr(self, name), ">= 0 and finite")
-        if self.gate_lr is not None and not 0 <= self.gate_lr < float("inf"):
-            bad("gate_lr", self.gate_lr, ">= 0 and finite, or null")
+        check_ranges(
+            self,
+            positive_ints=_POSITIVE_INTS,
+            non_negative_ints=_NON_NEGATIVE_INTS,
+            positive_ints_or_none=("train_subset", "eval_subset", "new_expert_rank"),
+            non_negative_numbers=("lr", "reg", "weight_decay", "novelty_delta"),
+            non_negative_numbers_or_none=("gate_lr",),
+        )
         if not -1 <= self.novelty_threshold <= 1:
             bad("novelty_threshold", self.novelty_threshold, "a cosine similarity in [-1, 1]")
         if not 0 <= self.replay_ratio < 1:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from riemix.core.fields import check_field_types
 
 __all__ = [
     "MoELoRAConfig",
@@ -25,8 +25,6 @@ __all__ = [
     "REGULARIZER_MODES",
     "EXPERT_COMPUTE_MODES",
     "CAPACITY_POLICIES",
-    "allowed_types",
-    "check_field_types",
 ]
 
 #: Routing modes accepted by ``MoELoRAConfig.routing``.
@@ -205,8 +203,7 @@ class MoELoRAConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(
-                    f"target_modules must be a regex string or a non-empty list of names, "
-                    f"got {self.target_modules!r}"
+                    f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}"
                 )
             for item in self.target_modules:
                 if item.startswith("re:"):
@@ -224,8 +221,7 @@ class MoELoRAConfig:
             raise ValueError(f"scale_warmup_steps must be an int >= 0, got {steps!r}")
         if steps and self.init == "pissa":
             raise ValueError(
-                f"scale_warmup_steps must be 0 with init='pissa' (its start needs the full scale), "
-                f"got {steps}"
+                f"scale_warmup_steps must be 0 with init='pissa' (its start needs the full scale), got {steps}"
             )
         if not self.router_temperature > 0:
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature!r}")
@@ -247,8 +243,7 @@ class MoELoRAConfig:
             raise ValueError(f"scale_anchor_beta must be >= 0, got {self.scale_anchor_beta!r}")
         if self.scale_anchor_beta > 0 and not self.expert_scales:
             raise ValueError(
-                f"scale_anchor_beta needs expert_scales=True, "
-                f"got scale_anchor_beta={self.scale_anchor_beta!r}"
+                f"scale_anchor_beta needs expert_scales=True, got scale_anchor_beta={self.scale_anchor_beta!r}"
             )
         if not isinstance(self.recompute_hidden, bool):
             raise ValueError(f"recompute_hidden must be a bool, got {self.recompute_hidden!r}")
@@ -328,9 +323,7 @@ class MoELoRAConfig:
             e = self.num_experts
         elif isinstance(self.num_experts, list):
             if idx >= len(self.num_experts):
-                raise ValueError(
-                    f"num_experts has {len(self.num_experts)} entries but the model has a layer {idx}"
-                )
+                raise ValueError(f"num_experts has {len(self.num_experts)} entries but the model has a layer {idx}")
             e = self.num_experts[idx]
         else:
             e = self.num_experts(idx)
@@ -369,43 +362,6 @@ class MoELoRAConfig:
         if unknown:
             raise ValueError(f"unknown MoELoRAConfig field(s): {unknown}; valid: {sorted(names)}")
         return cls(**data)
-
-
-_SIMPLE = {bool: "a bool", int: "an int", float: "a number", str: "a string", type(None): "null"}
-
-
-def allowed_types(hint: Any) -> tuple[Any, ...]:
-    """The members of a union type hint (``int | None`` -> ``(int, NoneType)``), or ``(hint,)``."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def check_field_types(config: Any) -> None:
-    """Check every field of a dataclass ``config`` whose type is simple against its value, strictly.
-
-    A field typed ``bool`` takes only True/False (not ``"false"`` or 1), ``int`` only an int (not a bool
-    or ``"3"``), ``float`` an int or a float (not a bool or ``"1e-3"``), ``str`` only a string, and
-    ``X | None`` also None.  Fields of any other type (lists, callables, nested configs) are left to
-    the config's own checks.
-
-    Raises:
-        ValueError: naming the first field whose value does not fit, what it takes and the value.
-    """
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        allowed = allowed_types(hints[f.name])
-        if not all(t in _SIMPLE for t in allowed):
-            continue
-        value = getattr(config, f.name)
-        ok = any(
-            (isinstance(value, bool) if t is bool else isinstance(value, t) and not isinstance(value, bool))
-            or (t is float and isinstance(value, int) and not isinstance(value, bool))
-            for t in allowed
-        )
-        if not ok:
-            want = " or ".join(_SIMPLE[t] for t in allowed)
-            raise ValueError(f"{f.name} must be {want}, got {value!r}")
 
 
 def _check_experts(value: Any, name: str) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig, allowed_types, check_field_types
+from riemix.core.config import REGULARIZER_MODES, MoELoRAConfig
+from riemix.core.fields import allowed_types, check_field_types, check_ranges
 from riemix.core.regularizers import REGULARIZERS
 from riemix.hub.quantize import BASE_DTYPES, QUANTIZATIONS
 from riemix.optim import OPTIMIZER_NAMES
@@ -224,22 +225,15 @@ class TrainConfig:
         for name, allowed in (("quantization", QUANTIZATIONS), ("base_dtype", BASE_DTYPES)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"{', '.join(map(repr, allowed))} or null")
-        for name in _POSITIVE_INTS:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, getattr(self, name), "an int >= 1")
-        for name in _NON_NEGATIVE_INTS:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, getattr(self, name), "an int >= 0")
-        for name in ("train_subset", "eval_subset"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                bad(name, value, "an int >= 1 or null")
-        inf = float("inf")  # an infinite rate or weight is never meant: it diverges at the first step
-        for name in _NON_NEGATIVE_NUMBERS:
-            if not 0 <= getattr(self, name) < inf:
-                bad(name, getattr(self, name), ">= 0 and finite")
-        if self.gate_lr is not None and not 0 <= self.gate_lr < inf:
-            bad("gate_lr", self.gate_lr, ">= 0 and finite, or null")
+        check_ranges(
+            self,
+            positive_ints=_POSITIVE_INTS,
+            non_negative_ints=_NON_NEGATIVE_INTS,
+            positive_ints_or_none=("train_subset", "eval_subset"),
+            non_negative_numbers=_NON_NEGATIVE_NUMBERS,
+            non_negative_numbers_or_none=("gate_lr",),
+        )
+        inf = float("inf")
         if not 0 < self.loraplus_ratio < inf:
             bad("loraplus_ratio", self.loraplus_ratio, "> 0 and finite")
         if self.gate_max_grad_norm is not None and not self.gate_max_grad_norm > 0:
