@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import riemix
 from riemix import MoELoRAConfig, add_moe_lora, trainable_parameters
 from riemix.core.state import ADAPTER_TENSORS
-from riemix.core.summary import _KIND_OF_SUFFIX, PARAMETER_KINDS
+from riemix.core.summary import _KIND_OF_SUFFIX, PARAMETER_KINDS, logical_numel
 from tests.helpers import make_tiny_llama
 
 # The tiny Llama (tests/helpers.py): hidden 32, MLP 64, vocabulary 64, 2 blocks, 4 heads of 8, 2 KV heads.
 HIDDEN, MLP, VOCAB = 32, 64, 64
 Q_OUT, V_OUT = 32, 16  # q_proj: 32 -> 4·8, v_proj: 32 -> 2·8
 BLOCK = (
-    HIDDEN * Q_OUT + HIDDEN * 16 + HIDDEN * V_OUT + Q_OUT * HIDDEN  # q, k, v, o (no biases)
+    HIDDEN * Q_OUT
+    + HIDDEN * 16
+    + HIDDEN * V_OUT
+    + Q_OUT * HIDDEN  # q, k, v, o (no biases)
     + 3 * HIDDEN * MLP  # gate, up, down
     + 2 * HIDDEN  # two RMSNorm weights
 )
@@ -90,3 +94,13 @@ def test_counts_fp64_and_bf16_alike():
         for d in (torch.float64, torch.bfloat16)
     ]
     assert counts[0] == counts[1]
+
+
+def test_a_4bit_base_weight_counts_by_its_logical_shape_not_its_packed_bytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes: the data becomes (1024, 1) uint8
+    assert layer.weight.numel() == 32 * 64 // 2
+    assert logical_numel(layer.weight) == 32 * 64
+    assert trainable_parameters(nn.Sequential(layer))["all"] == 32 * 64

@@ -7,12 +7,14 @@ it *is* that tensor of a ``MoELoRALinear``, not because of its name.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from riemix.core.layer import iter_moe_lora_layers
 from riemix.core.state import ADAPTER_TENSORS
 
-__all__ = ["PARAMETER_KINDS", "trainable_parameters"]
+__all__ = ["PARAMETER_KINDS", "logical_numel", "trainable_parameters"]
 
 #: The kinds ``trainable_parameters`` counts, in its order (then ``"total"`` and ``"all"``).
 PARAMETER_KINDS = ("lora_A", "lora_B", "router", "expert_scale", "other")
@@ -39,7 +41,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
         ``{"lora_A", "lora_B", "router", "expert_scale", "other", "total", "all"}`` (ints): the trainable
         elements of the experts' A and B, of the routers (router weights or ``routing="global"`` gate
         logits), of the ``expert_scales``, of anything else that trains (e.g. a classification head);
-        ``total`` is their sum and ``all`` counts every parameter, trainable or not.
+        ``total`` is their sum and ``all`` counts every parameter, trainable or not (a 4-bit quantized
+        weight by its logical shape, see :func:`logical_numel`).
     """
     kind_of: dict[int, str] = {}
     for _, layer in iter_moe_lora_layers(model):
@@ -50,7 +53,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     counts = dict.fromkeys(PARAMETER_KINDS, 0)
     everything = 0
     for param in model.parameters():
-        everything += param.numel()
+        everything += logical_numel(param)
         if param.requires_grad:
-            counts[kind_of.get(id(param), "other")] += param.numel()
+            counts[kind_of.get(id(param), "other")] += logical_numel(param)
     return {**counts, "total": sum(counts.values()), "all": everything}
+
+
+def logical_numel(param) -> int:
+    """The number of weights a parameter holds: a bitsandbytes 4-bit weight packs two into each byte of a
+    ``(numel/2, 1)`` tensor, so it is counted by the shape its ``quant_state`` records, not by ``numel()``."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
