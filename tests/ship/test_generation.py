@@ -68,3 +68,25 @@ def test_a_model_without_a_tokenizer_is_refused(tmp_path):
     make_tiny_llama().save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="bare' has no tokenizer files; generate needs one"):
         generate("what is", model=str(tmp_path / "bare"))
+
+
+def test_generate_loads_the_base_quantized_when_asked(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import riemix.ship.loading as loading
+    from riemix import load_adapter
+    from riemix.hub.loading import load_model
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["quantization"])
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    model, _ = adapted_tiny(model_dir)
+    run = write_run(tmp_path / "run", model_dir, model)
+    nf4, tok = load_model(model_dir, quantization="nf4")
+    load_adapter(nf4, run / "adapter")
+    want = generate_text(nf4.eval(), tok, "what is", max_new_tokens=4)
+    assert generate("what is", adapter=str(run), max_new_tokens=4, quantization="nf4") == want
+    assert asked == ["nf4"]

@@ -14,6 +14,7 @@ from typing import Any
 
 from riemix.cli.flags import ADAPTER_OPTIONS, add_adapter_options, add_options, function_options, given_values
 from riemix.diagnostics.check_init import DTYPES, check_init
+from riemix.hub.quantize import QUANTIZATIONS
 from riemix.io.fileio import atomic_write_json
 
 __all__ = ["DESCRIPTION", "HELP", "NAME", "OPTIONS", "add_arguments", "report", "run"]
@@ -33,7 +34,7 @@ OPTIONS = function_options(check_init, skip=("adapter", "texts"))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``check-init`` to its parser."""
-    add_options(parser, OPTIONS, choices={"dtype": DTYPES})
+    add_options(parser, OPTIONS, choices={"dtype": DTYPES, "quantization": QUANTIZATIONS})
     parser.add_argument("--text-file", help="sample text, one example per non-empty line")
     parser.add_argument("--output", help="also write the results as JSON to this file")
     add_adapter_options(parser)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from riemix.cli.flags import add_options, function_options, given_values
+from riemix.hub.quantize import QUANTIZATIONS
 from riemix.ship.generation import generate
 from riemix.ship.loading import DTYPES
 
@@ -30,7 +31,7 @@ OPTIONS = function_options(generate, skip=("prompt", "stream"))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``generate`` to its parser."""
     parser.add_argument("--prompt", help="the prompt (default: read from stdin)")
-    add_options(parser, OPTIONS, choices={"dtype": DTYPES})
+    add_options(parser, OPTIONS, choices={"dtype": DTYPES, "quantization": QUANTIZATIONS})
 
 
 def read_prompt(prompt: str | None) -> str:

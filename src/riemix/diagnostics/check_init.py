@@ -26,6 +26,7 @@ import torch
 from riemix.core.config import MoELoRAConfig
 from riemix.core.tuner import add_moe_lora
 from riemix.hub import load_model
+from riemix.hub.quantize import QUANTIZATIONS
 from riemix.io.adapter import load_adapter
 
 __all__ = ["DEFAULT_TEXTS", "DEFAULT_THRESHOLD", "DTYPES", "check_init", "compare_models", "greedy_generate"]
@@ -122,10 +123,17 @@ def compare_models(base, adapted, tokenizer, texts: list[str], max_new_tokens: i
     }
 
 
-def _models(model_or_run: str | os.PathLike, adapter: dict[str, Any], trained: bool, dtype: str, seed: int | None):
+def _models(
+    model_or_run: str | os.PathLike,
+    adapter: dict[str, Any],
+    trained: bool,
+    dtype: str,
+    seed: int | None,
+    quantization: str | None,
+):
     """The base model, its adapted copy, the tokenizer and a description of the adapter."""
     run_dir = Path(model_or_run)
-    model_name, run_seed, saved_adapter = str(model_or_run), 0, {}
+    model_name, run_seed, saved_adapter, run_quantization = str(model_or_run), 0, {}, None
     if (run_dir / "config.yaml").is_file():
         import yaml
 
@@ -134,9 +142,11 @@ def _models(model_or_run: str | os.PathLike, adapter: dict[str, Any], trained: b
             raise ValueError(f"check-init compares causal LMs; {run_dir} trained a {saved['model_kind']}")
         model_name, run_seed = saved["model"], int(saved.get("seed", 0))
         saved_adapter = saved.get("adapter") or {}
+        run_quantization = saved.get("quantization")
     elif trained:
         raise ValueError(f"--trained needs a run directory with config.yaml, got {str(model_or_run)!r}")
-    base, tokenizer = load_model(model_name, dtype=getattr(torch, dtype))
+    quantization = quantization or run_quantization
+    base, tokenizer = load_model(model_name, dtype=getattr(torch, dtype), quantization=quantization)
     if tokenizer is None:
         raise ValueError(f"model {model_name!r} has no tokenizer; check-init needs one")
     adapted = copy.deepcopy(base)
@@ -148,7 +158,8 @@ def _models(model_or_run: str | os.PathLike, adapter: dict[str, Any], trained: b
         torch.manual_seed(run_seed if seed is None else seed)
         add_moe_lora(adapted, cfg)
         what = f"init={cfg.init}, experts={cfg.num_experts}, top_k={cfg.top_k}, rank={cfg.rank}, routing={cfg.routing}"
-    return base, adapted, tokenizer, f"{model_name} ({what})"
+    on = f", {quantization} base" if quantization else ""
+    return base, adapted, tokenizer, f"{model_name} ({what}{on})"
 
 
 def check_init(
@@ -160,6 +171,7 @@ def check_init(
     max_new_tokens: int = 16,
     dtype: str = "float32",
     seed: int | None = None,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     """Compare a causal LM with and without an adapter on sample text.
 
@@ -173,6 +185,8 @@ def check_init(
         max_new_tokens: Length of the greedy continuations compared (0: none).
         dtype: Weight dtype of both models.
         seed: Adapter initialisation seed (default: the run's seed, else 0).
+        quantization: Load the base quantized by bitsandbytes (nf4, fp4, int8), both models alike (default:
+            the run's quantization, else full precision).
 
     Returns:
         ``compare_models``' result plus ``"threshold"``, ``"ok"`` (mean KL <= threshold) and ``"what"``
@@ -186,6 +200,8 @@ def check_init(
         raise ValueError(f"--threshold must be >= 0, got {threshold!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    base, adapted, tokenizer, what = _models(model_or_run, adapter or {}, trained, dtype, seed)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
+    base, adapted, tokenizer, what = _models(model_or_run, adapter or {}, trained, dtype, seed, quantization)
     res = compare_models(base, adapted, tokenizer, DEFAULT_TEXTS if texts is None else texts, max_new_tokens)
     return {**res, "threshold": threshold, "ok": res["kl_mean"] <= threshold, "what": what}

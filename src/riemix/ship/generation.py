@@ -109,6 +109,7 @@ def generate(
     chat_template: bool = True,
     seed: int = 0,
     dtype: str = "float32",
+    quantization: str | None = None,
     stream: TextIO | None = None,
 ) -> str:
     """Load a model (and adapter) and continue a prompt, streaming the new text.
@@ -122,6 +123,7 @@ def generate(
         chat_template: Apply the tokenizer's chat template when it has one.
         seed: Sampling seed (temperature > 0).
         dtype: Weight dtype of the base model.
+        quantization: Load the base quantized by bitsandbytes (nf4, fp4, int8); none: full precision.
         stream: Where the new text is written as it comes (None: nowhere; the command passes stdout).
 
     Returns:
@@ -134,7 +136,7 @@ def generate(
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     _check_options(max_new_tokens, temperature)
-    lm, tokenizer = load_adapted(model, None if adapter is None else os.fspath(adapter), dtype)
+    lm, tokenizer = load_adapted(model, None if adapter is None else os.fspath(adapter), dtype, quantization)
     if tokenizer is None:
         raise ValueError(f"model {model!r} has no tokenizer files; generate needs one")
     return generate_text(lm, tokenizer, prompt, max_new_tokens, temperature, chat_template, seed, stream)

@@ -87,7 +87,10 @@ def resolve_adapter_source(path: str | os.PathLike) -> AdapterSource:
 
 
 def load_adapted(
-    model: str | None = None, adapter: str | os.PathLike | None = None, dtype: str = "float32"
+    model: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    quantization: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and, optionally, its riemix adapter (in eval mode).
 
@@ -96,12 +99,14 @@ def load_adapted(
             ``model`` (required with an adapter directory or without any adapter).
         adapter: A run directory or an adapter directory (None: the base model alone).
         dtype: Weight dtype of the base model (the adapter stays fp32, fp64 over fp64 weights).
+        quantization: Load the base quantized by bitsandbytes (``nf4``, ``fp4``, ``int8``, as a run trained
+            on it); None: full precision (also for a run that trained on a quantized base).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer is None when the model directory has none.
 
     Raises:
-        ValueError: an unknown dtype, no base model named, or a bad ``adapter`` path
+        ValueError: an unknown dtype or quantization, no base model named, or a bad ``adapter`` path
             (``resolve_adapter_source``).
         riemix.hub.ModelLoadError: a base model that cannot be loaded.
         riemix.AdapterError: an adapter that is corrupt or does not fit the base model.
@@ -113,7 +118,7 @@ def load_adapted(
     if name is None:
         what = f"{adapter} is an adapter directory" if adapter is not None else "no adapter given"
         raise ValueError(f"{what}: name the base model (--model)")
-    base, tokenizer = load_model(name, dtype=getattr(torch, dtype))
+    base, tokenizer = load_model(name, dtype=getattr(torch, dtype), quantization=quantization)
     if source is not None:
         load_adapter(base, source.adapter_dir)
     base.eval()
