@@ -7,7 +7,7 @@ from lib.harness import RESULTS
 from lib.render import IMG, load, machine, table
 from riemix.continual.plots import accuracy_heatmap
 
-__all__ = ["continual_sections"]
+__all__ = ["continual_sections", "novelty_margin_section"]
 
 _PLOTTED = ("peft_seq", "riemix_dynamic", "riemix_dynamic_replay", "riemix_skill_routed")
 
@@ -106,6 +106,48 @@ def section(stem: str, rec: dict) -> list[str]:
     return lines
 
 
+def novelty_margin_section(rec: dict) -> list[str]:
+    """``benchmarks/novelty_margin.py``: what the detector's threshold has to separate, per sample size."""
+    taus = rec["thresholds_k1_k3_k7"]
+    by_n = rec["by_samples"]
+    rows = []
+    for n, m in by_n.items():
+        errs = [m["errors"][f"{t:.4f}"] for t in taus]
+        rows.append(
+            [n, f"{m['within_min']:.4f}", f"{m['between_max']:.4f}"]
+            + [f"{e['same_task_called_novel']} / {e['other_task_called_known']}" for e in errs]
+        )
+    n0 = "64" if "64" in by_n else next(iter(by_n))
+    between = by_n[n0]["between"]
+    from novelty_margin import SAME_SKILL  # results written before the JSON recorded it
+
+    same = {frozenset(p) for p in rec.get("same_skill", SAME_SKILL)}
+    closest = sorted(
+        ((k, v) for k, v in between.items() if frozenset(k.split("|")) not in same), key=lambda kv: -kv[1]["mean"]
+    )[:4]
+    draws, comps = rec["args"]["draws"], next(iter(by_n.values()))["errors"][f"{taus[0]:.4f}"]["comparisons"]
+    return [
+        "### Novelty detector: what its threshold separates",
+        "",
+        f"`benchmarks/novelty_margin.py` ({machine(rec)}): SmolLM2-135M base embeddings of {rec['args']['pool']} "
+        f"train texts per task ({len(rec['args']['tasks'].split(','))} tasks), {draws} random draws per sample "
+        "size n; *within*: two disjoint samples of one task, *between*: samples of two different tasks (pairs "
+        "that are one skill, such as amazon and yelp, are not counted). Errors: same task called novel / "
+        f"other task called known, out of {comps[0]} / {comps[1]} comparisons, at the default thresholds "
+        f"τ₁, τ₃, τ₇ = {', '.join(f'{t:.4f}' for t in taus)}.",
+        "",
+        *table(
+            ["n", "within-task min", "between-task max"] + [f"errors at {t:.4f}" for t in taus],
+            rows,
+        ),
+        "",
+        f"Closest different tasks at n={n0} (mean ± sd cosine): "
+        + "; ".join(f"{k.replace('|', '–')} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in closest)
+        + ".",
+        "",
+    ]
+
+
 def continual_sections() -> list[str]:
     """The section's lines (none when no result exists)."""
     names = sorted(p.name for p in RESULTS.glob("continual_*.json") if not p.name.endswith("_quick.json"))
@@ -128,6 +170,9 @@ def continual_sections() -> list[str]:
     ]
     for name in names:
         out += section(name.removesuffix(".json"), load(name))
+    margin = load("novelty_margin.json")
+    if margin:
+        out += novelty_margin_section(margin)
     mixed = load("layer_speed_mixed_rank_float32.json")
     if mixed:
         r = mixed["ratios"]
