@@ -16,6 +16,9 @@ seen so far and the next one after each task; the untrained model first):
 - ``multitask``: PEFT LoRA on every task jointly, as many steps in all (the upper reference: Avg only).
 - ``riemix_skill_routed``: ``riemix_dynamic`` with skill routing instead of maturity routing: every example
   goes to its skill's expert (training: its task's skill; evaluation: the nearest detector centroid).
+- ``riemix_dynamic_calibrated``: ``riemix_dynamic`` with the novelty threshold τ₀ = ``CALIBRATED_TAU0``, read
+  off ``benchmarks/novelty_margin.py`` (train texts only: between the largest cosine of two different tasks'
+  centroids and the smallest of two samples of one task, at 64 texts per centroid) instead of the default.
 
 Learning rates are chosen first (stage ``lr``) per family (PEFT AdamW, riemix Riemannian AdamW) on the
 first task: train on its train split minus 100 held-out examples, score those 100.
@@ -62,7 +65,11 @@ CANDIDATES = (
     "riemix_dynamic_replay",
     "multitask",
     "riemix_skill_routed",
+    "riemix_dynamic_calibrated",
 )
+#: The novelty threshold of ``riemix_dynamic_calibrated`` (``results/novelty_margin.json``, n=64: the largest
+#: between-task similarity 0.979, the smallest within-task one 0.989).
+CALIBRATED_TAU0 = 0.985
 LR_GRID = {"peft": (2e-4, 1e-3, 3e-3, 1e-2), "riemix": (1e-3, 3e-3, 1e-2)}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -115,6 +122,7 @@ def run_riemix(args, seed: int, lr: float, name: str, static_experts: int) -> di
     kw = {
         "riemix_dynamic": {"adapter": dynamic_adapter(args)},
         "riemix_dynamic_replay": {"adapter": dynamic_adapter(args), "replay_per_task": args.replay},
+        "riemix_dynamic_calibrated": {"adapter": dynamic_adapter(args), "novelty_threshold": CALIBRATED_TAU0},
         "riemix_skill_routed": {
             "adapter": MoELoRAConfig(num_experts=1, top_k=1, rank=args.rank),
             "skill_routing": True,

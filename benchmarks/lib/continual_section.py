@@ -9,7 +9,7 @@ from riemix.continual.plots import accuracy_heatmap
 
 __all__ = ["continual_sections", "novelty_margin_section"]
 
-_PLOTTED = ("peft_seq", "riemix_dynamic", "riemix_dynamic_replay", "riemix_skill_routed")
+_PLOTTED = ("peft_seq", "riemix_dynamic", "riemix_dynamic_replay", "riemix_skill_routed", "riemix_dynamic_calibrated")
 
 
 def _f(value: float | None, signed: bool = False) -> str:
@@ -29,11 +29,12 @@ def _targets(c: dict) -> list[str]:
             f"{'met' if gain >= 5 else 'not met'}); |BWT| {100 * abs(dyn['bwt']):.1f} vs {100 * abs(seq['bwt']):.1f}, "
             f"ratio {ratio:.2f} (target ≤ 0.5: {'met' if ratio <= 0.5 else 'not met'})."
         )
-    routed = c.get("riemix_skill_routed")
-    if routed and seq:
-        gain = 100 * (routed["avg"] - seq["avg"])
-        ratio = abs(routed["bwt"]) / abs(seq["bwt"]) if seq["bwt"] else float("inf")
-        lines.append(f"- `riemix_skill_routed` − `peft_seq`: Avg {gain:+.1f} points; |BWT| ratio {ratio:.2f}.")
+    for name in ("riemix_skill_routed", "riemix_dynamic_calibrated"):
+        other = c.get(name)
+        if other and seq:
+            gain = 100 * (other["avg"] - seq["avg"])
+            ratio = abs(other["bwt"]) / abs(seq["bwt"]) if seq["bwt"] else float("inf")
+            lines.append(f"- `{name}` − `peft_seq`: Avg {gain:+.1f} points; |BWT| ratio {ratio:.2f}.")
     rep, seq_rep = c.get("riemix_dynamic_replay"), c.get("peft_seq_replay")
     if rep and seq_rep:
         gain = 100 * (rep["avg"] - seq_rep["avg"])
@@ -91,15 +92,19 @@ def section(stem: str, rec: dict) -> list[str]:
         "",
         *_targets(cands),
     ]
-    dyn = rec.get("raw", {}).get("riemix_dynamic", {})
-    for seed, run in dyn.items():
+    detected = [
+        (cand, seed, run)
+        for cand in ("riemix_dynamic", "riemix_dynamic_calibrated")
+        for seed, run in rec.get("raw", {}).get(cand, {}).items()
+    ]
+    for name, seed, run in detected:
         decisions = "; ".join(
             f"{d['task']} {d['reason']} ({', '.join(f'{s:.3f}' for s in d['similarities']) or '–'} vs "
             f"{d['threshold']:.3f})"
             for d in run["decisions"]
         )
         lines.append(
-            f"- riemix_dynamic seed {seed}: experts per layer after each task {run['experts']}; detector: "
+            f"- {name} seed {seed}: experts per layer after each task {run['experts']}; detector: "
             f"{decisions}; growth {', '.join(f'{1e3 * s:.0f} ms' for s in run['growth_seconds'])}."
         )
     lines += ["", *_heatmaps(stem, rec), ""]
@@ -165,7 +170,8 @@ def continual_sections() -> list[str]:
         "growth, maturity, the other skills' experts frozen), `riemix_dynamic_replay`, `multitask` (PEFT LoRA "
         "on all tasks jointly: the upper reference), `riemix_skill_routed` (`riemix_dynamic` with skill routing: "
         "each example goes to the experts of its skill, at evaluation the skill whose detector centroid is "
-        "nearest to the example).",
+        "nearest to the example), `riemix_dynamic_calibrated` (`riemix_dynamic` with the novelty threshold τ₀ "
+        "read off the detector margin below, measured on train texts).",
         "",
     ]
     for name in names:
