@@ -188,7 +188,9 @@ def continual_sections() -> list[str]:
             f"`benchmarks/layer_speed.py` ({machine(mixed)}), {mixed['args']['width']}², {mixed['args']['tokens']} "
             f"tokens, E={mixed['args']['experts']}, top-{mixed['args']['top_k']}: experts of ranks r/2, r, 3r/2 in "
             f"turn (r={mixed['args']['rank']}) take {r['riemix_mixed_rank_over_base']:.2f}× the frozen base, "
-            f"uniform rank {r['riemix_over_base']:.2f}× in the same run.",
+            f"uniform rank {r['riemix_over_base']:.2f}× in the same run. A layer stores every expert at its largest "
+            "rank (the padding stays zero), so mixed ranks cost what uniform experts of the largest rank cost "
+            f"(here {3 * mixed['args']['rank'] // 2} against {mixed['args']['rank']}).",
             "",
         ]
     return out
