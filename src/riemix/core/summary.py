@@ -59,7 +59,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     return {**counts, "total": sum(counts.values()), "all": everything}
 
 
-def logical_numel(param) -> int:
+def logical_numel(param: nn.Parameter) -> int:
     """The number of weights a parameter holds: a bitsandbytes 4-bit weight packs two into each byte of a
     ``(numel/2, 1)`` tensor, so it is counted by the shape its ``quant_state`` records, not by ``numel()``."""
     state = getattr(param, "quant_state", None)
