@@ -19,7 +19,8 @@ def test_check_init_rejects_bad_arguments_before_loading_a_model(tmp_path):
 
 
 def test_an_unknown_quantization_is_refused_before_loading():
-    with pytest.raises(ValueError, match=r"quantization must be one of \('nf4', 'fp4', 'int8'\) or null, got 'nf2'"):
+    message = r"unknown quantization 'nf2'; expected one of \('nf4', 'fp4', 'int8'\) or None"
+    with pytest.raises(ValueError, match=message):
         check_init("no-such-model", quantization="nf2")
 
 

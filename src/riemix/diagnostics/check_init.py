@@ -26,7 +26,7 @@ import torch
 from riemix.core.config import MoELoRAConfig
 from riemix.core.tuner import add_moe_lora
 from riemix.hub import load_model
-from riemix.hub.quantize import QUANTIZATIONS
+from riemix.hub.quantize import check_quantization
 from riemix.io.adapter import load_adapter
 
 __all__ = ["DEFAULT_TEXTS", "DEFAULT_THRESHOLD", "DTYPES", "check_init", "compare_models", "greedy_generate"]
@@ -200,8 +200,7 @@ def check_init(
         raise ValueError(f"--threshold must be >= 0, got {threshold!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
+    check_quantization(quantization, None)
     base, adapted, tokenizer, what = _models(model_or_run, adapter or {}, trained, dtype, seed, quantization)
     res = compare_models(base, adapted, tokenizer, DEFAULT_TEXTS if texts is None else texts, max_new_tokens)
     return {**res, "threshold": threshold, "ok": res["kl_mean"] <= threshold, "what": what}
